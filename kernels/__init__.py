@@ -1,0 +1,23 @@
+"""rlhf-engine kernels: fused Triton kernels for RLHF losses, each with a float64-correct PyTorch reference.
+
+``import kernels as K``. Every public function validates its inputs, then dispatches: CUDA tensors -> Triton, CPU
+tensors -> the reference (``RLHF_KERNELS_BACKEND=triton|cpp|torch`` forces one). All log-prob, ratio, KL and loss math
+runs in float32 whatever the input dtype (float64 inputs run the float64 reference). Contract: ``DESIGN.md``.
+
+Name clash: Hugging Face's ``kernels`` distribution (the hub kernel loader) also installs a top-level package named
+``kernels``. This package carries the marker ``__rlhf_engine_kernels__``; ``engine`` checks it on import and fails with
+a clear message when the other package shadows this one.
+"""
+
+from kernels._backend import describe as backend_report
+from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
+
+__rlhf_engine_kernels__ = True
+__version__ = "0.1.0"
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "backend_report",
+    "kl_penalty",
+    "kl_penalty_ref",
+]

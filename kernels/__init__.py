@@ -11,13 +11,23 @@ a clear message when the other package shadows this one.
 
 from kernels._backend import describe as backend_report
 from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
+from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
+from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
+from kernels.value_loss import value_loss, value_loss_ref
 
 __rlhf_engine_kernels__ = True
 __version__ = "0.1.0"
 
 __all__ = [
     "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "agg_loss_ref",
     "backend_report",
+    "grpo_loss",
     "kl_penalty",
     "kl_penalty_ref",
+    "ppo_loss",
+    "ppo_loss_ref",
+    "value_loss",
+    "value_loss_ref",
 ]

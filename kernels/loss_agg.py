@@ -1,0 +1,184 @@
+"""Loss aggregation (``loss_agg_mode``): how per-token losses ``l[B, T]`` under a mask ``m[B, T]`` become one scalar.
+
+    token-mean               sum_i sum_t m*l / D_tok       D_tok = global_num_tokens, else max(sum m, 1)
+    seq-mean-token-mean      sum_i (sum_t m*l / max(sum_t m, 1)) / D_seq       D_seq = global_num_seqs, else B
+    seq-mean-token-sum       sum_i (sum_t m*l) / D_seq
+    seq-mean-token-sum-norm  sum_i (sum_t m*l) / loss_scale_factor             default loss_scale_factor = T
+
+Source: veRL ``core_algos.agg_loss`` (same mode names; its ``seq-mean-token-sum-norm`` divides by ``T``, the Dr. GRPO
+constant; TRL's ``dr_grpo`` divides by ``B * max_completion_length``: pass ``loss_scale_factor=B*L`` for that).
+TRL's loss types map as ``dapo``/``bnpo`` -> token-mean, ``grpo`` -> seq-mean-token-mean, ``dr_grpo`` ->
+seq-mean-token-sum-norm. Fully masked rows contribute 0 (veRL's seq-mean-token-mean gives 0/0 = NaN there).
+
+Micro-batching: with the *global* denominators given (``global_num_tokens``, ``global_num_seqs``, a constant
+``loss_scale_factor``), the losses of the micro-batches SUM to the loss of the whole batch, and so do their gradients:
+gradient accumulation and data parallelism (sum of gradients) then reproduce the full-batch step exactly.
+
+Every aggregated loss is linear in the per-token losses: ``loss = sum_i w_i * sum_t m*l``, with a row weight ``w_i``
+that only depends on the mask. The fused losses (``ppo_loss``, ``value_loss``) therefore compute per-token losses and
+their gradients in one kernel, reduce per-row statistics, and run ``_agg_rows_kernel`` once to get the scalar, the
+metrics and ``w``; backward is ``grad * w_i * dl/dx`` (``_apply_row_weights``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import interpreting, tl, triton
+from kernels._checks import check_choice, check_positive
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_MODE_ID = {name: i for i, name in enumerate(LOSS_AGG_MODES)}
+
+
+def check_agg_args(loss_agg_mode: str, global_num_tokens, global_num_seqs, loss_scale_factor) -> tuple:
+    """Validate the aggregation arguments; returns ``(mode, global_num_tokens, global_num_seqs, loss_scale_factor)``
+    as Python floats (or None). A 0-d tensor denominator is read with ``.item()``: one host synchronisation."""
+    check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    out = []
+    for name, value in (("global_num_tokens", global_num_tokens), ("global_num_seqs", global_num_seqs),
+                        ("loss_scale_factor", loss_scale_factor)):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+            value = value.item()
+        out.append(None if value is None else check_positive(name, value))
+    return (loss_agg_mode, *out)
+
+
+def agg_loss_ref(loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str = "token-mean", *,
+                 global_num_tokens: float | None = None, global_num_seqs: float | None = None,
+                 loss_scale_factor: float | None = None) -> torch.Tensor:
+    """Plain-PyTorch aggregation (the spec, formulas in the module docstring). ``loss_mat``, ``mask``: ``[B, T]``.
+
+    Returns a 0-d tensor in ``loss_mat``'s dtype."""
+    mode, n_tok, n_seq, scale = check_agg_args(loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor)
+    m = mask.to(loss_mat.dtype)
+    row_sum = (loss_mat * m).sum(-1)
+    B, T = loss_mat.shape
+    if mode == "token-mean":
+        return row_sum.sum() / (n_tok if n_tok is not None else m.sum().clamp_min(1.0))
+    if mode == "seq-mean-token-mean":
+        return (row_sum / m.sum(-1).clamp_min(1.0)).sum() / (n_seq if n_seq is not None else B)
+    if mode == "seq-mean-token-sum":
+        return row_sum.sum() / (n_seq if n_seq is not None else B)
+    return row_sum.sum() / (scale if scale is not None else T)
+
+
+def masked_mean_ref(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(x*m) / max(sum(m), 1)``: the token mean used by every metric (local to the batch given)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+@triton.jit
+def _agg_rows_kernel(
+    OUT,  # out: [NSTAT] float32; OUT[0] = local token count, OUT[1:N_WEIGHTED+1] aggregated losses, rest token means
+    W,  # out: [B] float32 row weights w_i (d loss / d (sum_t m*l of row i))
+    STATS,  # [B, C, NSTAT] float32 per-(row, chunk) sums; stat 0 = sum m, stats 1..N_WEIGHTED = sum m*l
+    B,
+    C,  # chunks per row
+    n_tok,  # global token count (0 = use the local count)
+    n_seq,  # sequence count for the seq-mean modes
+    scale,  # loss_scale_factor for seq-mean-token-sum-norm
+    NSTAT: tl.constexpr,
+    N_WEIGHTED: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_S)
+    col_ok = cols < NSTAT
+    # Pass 1: local token count, and the plain sums of every statistic (for the token-mean metrics).
+    totals = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        ok = (rows < B)[:, None] & col_ok[None, :]
+        for c in range(0, C):
+            offs = (rows.to(tl.int64)[:, None] * C + c) * NSTAT + cols[None, :]
+            totals += tl.sum(tl.load(STATS + offs, mask=ok, other=0.0), axis=0)
+    local_tok = tl.sum(tl.where(cols == 0, totals, 0.0), axis=0)
+    tok_denom = tl.maximum(local_tok, 1.0)
+    if n_tok > 0:
+        loss_tok_denom = n_tok
+    else:
+        loss_tok_denom = tok_denom
+    # Pass 2: row weights, and the weighted sums of the loss-like statistics.
+    weighted = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        ok = row_ok[:, None] & col_ok[None, :]
+        row_stats = tl.zeros((BLOCK_B, BLOCK_S), dtype=tl.float32)
+        for c in range(0, C):
+            offs = (rows.to(tl.int64)[:, None] * C + c) * NSTAT + cols[None, :]
+            row_stats += tl.load(STATS + offs, mask=ok, other=0.0)
+        row_tok = tl.sum(tl.where(cols[None, :] == 0, row_stats, 0.0), axis=1)
+        if MODE == 0:
+            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / loss_tok_denom
+        elif MODE == 1:
+            w = 1.0 / (n_seq * tl.maximum(row_tok, 1.0))
+        elif MODE == 2:
+            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / n_seq
+        else:
+            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / scale
+        tl.store(W + rows, w, mask=row_ok)
+        weighted += tl.sum(tl.where(row_ok[:, None], row_stats * w[:, None], 0.0), axis=0)
+    is_loss = (cols >= 1) & (cols <= N_WEIGHTED)
+    out = tl.where(cols == 0, local_tok, tl.where(is_loss, weighted, totals / tok_denom))
+    tl.store(OUT + cols, out, mask=col_ok)
+
+
+@triton.jit
+def _apply_row_weights_kernel(
+    DX,  # out: [B, T] gradient, in the dtype of the differentiated input
+    DL,  # [B, T] float32 masked per-token d l / d x
+    W,  # [B] float32 row weights from _agg_rows_kernel
+    G,  # [1] upstream gradient of the scalar loss (read on the device: no host sync)
+    T,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = cols < T
+    offs = row.to(tl.int64) * T + cols
+    scale = tl.load(G).to(tl.float32) * tl.load(W + row)
+    d = tl.load(DL + offs, mask=ok, other=0.0)
+    tl.store(DX + offs, (d * scale).to(DX.dtype.element_ty), mask=ok)
+
+
+def as_kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A contiguous mask the kernels can load: bool is viewed as uint8 (no copy), numbers pass through."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def block_t(T: int) -> int:
+    """Tokens per program of the per-token loss kernels (grid axis 1 = ceil(T / block_t) <= 65,535)."""
+    cap = 128 if interpreting() else 1024
+    return max(16, min(cap, triton.next_power_of_2(T)))
+
+
+def aggregate_rows(stats: torch.Tensor, n_weighted: int, agg: tuple, B: int, T: int):
+    """Run ``_agg_rows_kernel`` on ``stats [B, C, NSTAT]`` with ``agg`` = ``check_agg_args(...)``; returns
+    ``(out [NSTAT], w [B])`` float32."""
+    mode, n_tok, n_seq, scale = agg
+    nstat = stats.shape[-1]
+    out = torch.empty(nstat, dtype=torch.float32, device=stats.device)
+    w = torch.empty(B, dtype=torch.float32, device=stats.device)
+    _agg_rows_kernel[(1,)](
+        out, w, stats, B, stats.shape[1], float(n_tok or 0.0), float(n_seq or B), float(scale or T),
+        NSTAT=nstat, N_WEIGHTED=n_weighted, MODE=_MODE_ID[mode],
+        BLOCK_B=32 if interpreting() else 256, BLOCK_S=triton.next_power_of_2(nstat),
+    )
+    return out, w
+
+
+def apply_row_weights(grad: torch.Tensor, dl: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * w[:, None] * dl`` in one launch, cast to ``dtype`` (the gradient of the differentiated input)."""
+    B, T = dl.shape
+    dx = torch.empty((B, T), dtype=dtype, device=dl.device)
+    if dx.numel():
+        bt = block_t(T)
+        _apply_row_weights_kernel[(B, triton.cdiv(T, bt))](dx, dl, w, grad.reshape(1).float(), T, BLOCK_T=bt)
+    return dx

@@ -1,0 +1,331 @@
+"""Clipped PPO / GRPO policy loss, fused: ratio, clipping, dual clip, rollout IS weights, KL to the reference,
+aggregation, the gradient w.r.t. ``logprobs`` and the clip/KL metrics in one kernel (plus a one-program reduction).
+
+Per token (``lp`` = logprobs, ``old`` = old_logprobs, ``A`` = advantages, eps_l/eps_h = clip_ratio_low/high):
+
+    log_ratio = clamp(lp - old, -20, 20)                  (veRL, OpenRLHF; TRL does not clamp)
+    r   = exp(log_ratio)
+    L1  = -A * r ;  L2 = -A * clamp(r, 1 - eps_l, 1 + eps_h) ;  l = max(L1, L2)          (PPO, Schulman et al. 2017)
+    dual clip (clip_ratio_c = c > 1, only where A < 0):  l = min(l, -A * c)              (Ye et al. 2020, veRL)
+    l = l * rollout_is_weights                            (truncated IS correction; veRL, TRL, Liger)
+    l = l + kl_coef * kl(lp, ref_logprobs)                (unclipped, not IS-weighted; TRL/Liger/veRL)
+    loss = agg(l, response_mask, loss_agg_mode)           (kernels.loss_agg)
+
+Gradient (computed in the forward: the loss is a terminal node, so nothing needs recomputing in backward):
+    d l / d lp = -A * r * 1[L1 >= L2] * 1[|lp - old| <= 20] * (dual clip gate) * isw + kl_coef * d kl / d lp
+
+Metrics (detached 0-d float32 tensors, token means over the local ``response_mask``, no host synchronisation):
+``pg_loss`` (the aggregated policy-gradient part, without the KL term), ``pg_clipfrac`` = mean(L2 > L1),
+``pg_clipfrac_lower`` = mean(A < 0 and max(L1, L2) > -A*c) (dual clip active; veRL), ``ppo_kl`` = mean(old - lp),
+``kl`` = mean(kl) (whenever ``ref_logprobs`` is given, also with ``kl_coef=0``; else 0), ``clip_ratio/low_mean`` = mean(r < 1 - eps_l and A < 0) and
+``clip_ratio/high_mean`` = mean(r > 1 + eps_h and A > 0) (TRL).
+
+Defaults: veRL ``vanilla`` (eps 0.2/0.2, token-mean); veRL turns dual clip on with c = 3 by default, TRL and OpenRLHF
+leave it off: ours is off (``clip_ratio_c=None``). Dims: ``B`` sequences, ``T`` response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import compute_dtype, tl, triton, use_triton
+from kernels._checks import (
+    check_broadcast_rows,
+    check_mask,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from kernels.kl import _ESTIMATOR_ID, _kl_value_and_grad, kl_penalty_ref, resolve_kl_estimator
+from kernels.loss_agg import (
+    agg_loss_ref,
+    aggregate_rows,
+    apply_row_weights,
+    as_kernel_mask,
+    block_t,
+    check_agg_args,
+    masked_mean_ref,
+)
+
+_LOG_RATIO_CLAMP = 20.0
+# Per-(row, chunk) statistics written by the fused kernel; the first three are aggregated like the loss.
+_STATS = ("tokens", "loss", "pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl",
+          "clip_ratio/low_mean", "clip_ratio/high_mean")
+_N_WEIGHTED = 2  # "loss" and "pg_loss"
+METRIC_NAMES = _STATS[2:]
+
+
+def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                 clip_ratio_c=None, loss_agg_mode="token-mean", ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
+                 rollout_is_weights=None, global_num_tokens=None, global_num_seqs=None, loss_scale_factor=None):
+    """Plain-PyTorch PPO loss (the spec; the formulas of the module docstring, written as veRL writes them).
+
+    Same arguments and returns as ``ppo_loss``; computes in float64 for float64 inputs, float32 otherwise, and is
+    differentiable through autograd (``torch.maximum``/``torch.minimum`` split ties evenly, as the kernel does)."""
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    lp, old = logprobs.to(dtype), old_logprobs.to(dtype)
+    adv = advantages.to(dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    mask = response_mask.to(dtype)
+    log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    clipped = torch.maximum(l1, l2)
+    pg_clipfrac = masked_mean_ref((l2 > l1).to(dtype), mask)
+    if clip_ratio_c is not None:
+        l3 = -adv * clip_ratio_c
+        dual = torch.minimum(l3, clipped)
+        pg_clipfrac_lower = masked_mean_ref(((clipped > l3) & (adv < 0)).to(dtype), mask)
+        pg = torch.where(adv < 0, dual, clipped)
+    else:
+        pg_clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
+        pg = clipped
+    if rollout_is_weights is not None:
+        w = rollout_is_weights.to(dtype)
+        pg = pg * (w[:, None] if w.dim() == 1 else w)
+    agg = dict(global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+               loss_scale_factor=loss_scale_factor)
+    pg_loss = agg_loss_ref(pg, mask, loss_agg_mode, **agg)
+    if ref_logprobs is not None:
+        kl = kl_penalty_ref(lp, ref_logprobs.to(dtype).detach(), kl_estimator)
+        per_token = pg + kl_coef * kl
+        kl_mean = masked_mean_ref(kl, mask)
+    else:
+        per_token = pg
+        kl_mean = torch.zeros((), dtype=dtype, device=lp.device)
+    loss = agg_loss_ref(per_token, mask, loss_agg_mode, **agg)
+    metrics = {
+        "pg_loss": pg_loss,
+        "pg_clipfrac": pg_clipfrac,
+        "pg_clipfrac_lower": pg_clipfrac_lower,
+        "ppo_kl": masked_mean_ref(-log_ratio, mask),
+        "kl": kl_mean,
+        "clip_ratio/low_mean": masked_mean_ref(((ratio < 1.0 - clip_ratio_low) & (adv < 0)).to(dtype), mask),
+        "clip_ratio/high_mean": masked_mean_ref(((ratio > 1.0 + clip_ratio_high) & (adv > 0)).to(dtype), mask),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    DL,  # out: [B, T] float32, masked per-token d l / d lp (before the aggregation weights)
+    STATS,  # out: [B, C, NSTAT] float32 per-(row, chunk) sums, in the order of _STATS
+    LP,  # [B, T] contiguous log-probs (any float dtype)
+    OLD,  # [B, T] contiguous old (behaviour) log-probs
+    ADV,  # advantages, element (i, t) at i * stride_adv_b + t * stride_adv_t (stride 0 for per-sequence)
+    MASK,  # [B, T] contiguous response mask (uint8 view of bool, or numbers)
+    REF,  # [B, T] contiguous reference log-probs (unused unless HAS_KL)
+    ISW,  # rollout IS weights, element (i, t) at i * stride_isw_b + t * stride_isw_t (unused unless HAS_ISW)
+    T,
+    C,
+    stride_adv_b,
+    stride_adv_t,
+    stride_isw_b,
+    stride_isw_t,
+    clip_low,  # 1 - clip_ratio_low
+    clip_high,  # 1 + clip_ratio_high
+    clip_c,  # dual-clip bound (unused unless HAS_DUAL_CLIP)
+    kl_coef,
+    HAS_DUAL_CLIP: tl.constexpr,
+    HAS_ISW: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    NSTAT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = cols < T
+    offs = row.to(tl.int64) * T + cols
+    lp = tl.load(LP + offs, mask=ok, other=0.0).to(tl.float32)
+    old = tl.load(OLD + offs, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)
+    adv = tl.load(ADV + row.to(tl.int64) * stride_adv_b + cols * stride_adv_t, mask=ok, other=0.0).to(tl.float32)
+
+    raw = lp - old
+    log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+    ratio = tl.exp(log_ratio)
+    dratio = tl.where((raw >= -20.0) & (raw <= 20.0), ratio, 0.0)
+    l1 = -adv * ratio
+    l2 = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    pg = tl.maximum(l1, l2)
+    # d max(L1, L2): L2 only carries gradient inside the clip range, where it equals L1.
+    dpg = tl.where(l1 >= l2, -adv * dratio, 0.0)
+    clipfrac = tl.where(l2 > l1, 1.0, 0.0)
+    if HAS_DUAL_CLIP:
+        l3 = -adv * clip_c
+        is_neg = adv < 0
+        # torch.minimum splits a tie evenly; the kernel matches it.
+        gate = tl.where(pg < l3, 1.0, tl.where(pg == l3, 0.5, 0.0))
+        clipfrac_lower = tl.where(is_neg & (pg > l3), 1.0, 0.0)
+        dpg = tl.where(is_neg, dpg * gate, dpg)
+        pg = tl.where(is_neg, tl.minimum(pg, l3), pg)
+    else:
+        clipfrac_lower = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if HAS_ISW:
+        isw = tl.load(ISW + row.to(tl.int64) * stride_isw_b + cols * stride_isw_t, mask=ok, other=0.0).to(tl.float32)
+        pg = pg * isw
+        dpg = dpg * isw
+    loss = pg
+    dl = dpg
+    if HAS_KL:
+        ref = tl.load(REF + offs, mask=ok, other=0.0).to(tl.float32)
+        kl, dkl = _kl_value_and_grad(lp, ref, KL_ESTIMATOR, False, 0.0)
+        loss = loss + kl_coef * kl
+        dl = dl + kl_coef * dkl
+    else:
+        kl = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    tl.store(DL + offs, dl * m, mask=ok)
+
+    low = tl.where((ratio < clip_low) & (adv < 0), 1.0, 0.0)
+    high = tl.where((ratio > clip_high) & (adv > 0), 1.0, 0.0)
+    base = STATS + (row.to(tl.int64) * C + chunk) * NSTAT
+    tl.store(base + 0, tl.sum(m, axis=0))
+    tl.store(base + 1, tl.sum(m * loss, axis=0))
+    tl.store(base + 2, tl.sum(m * pg, axis=0))
+    tl.store(base + 3, tl.sum(m * clipfrac, axis=0))
+    tl.store(base + 4, tl.sum(m * clipfrac_lower, axis=0))
+    tl.store(base + 5, tl.sum(m * -log_ratio, axis=0))
+    tl.store(base + 6, tl.sum(m * kl, axis=0))
+    tl.store(base + 7, tl.sum(m * low, axis=0))
+    tl.store(base + 8, tl.sum(m * high, axis=0))
+
+
+def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, kl_coef, est, agg):
+    """Launch the fused kernel and the aggregation; returns ``(out [NSTAT], w [B], dl [B, T])`` float32."""
+    B, T = lp.shape
+    adv = adv.expand(B, T)  # a per-sequence [B, 1] view gets column stride 0
+    isw = None if isw is None else isw.expand(B, T)
+    bt = block_t(T)
+    C = triton.cdiv(T, bt)
+    dl = torch.empty((B, T), dtype=torch.float32, device=lp.device)
+    stats = torch.empty((B, C, len(_STATS)), dtype=torch.float32, device=lp.device)
+    if B * T:
+        _ppo_loss_fwd_kernel[(B, C)](
+            dl, stats, lp, old, adv, as_kernel_mask(mask),
+            ref if ref is not None else lp, isw if isw is not None else lp,
+            T, C, adv.stride(0), adv.stride(1),
+            isw.stride(0) if isw is not None else 0, isw.stride(1) if isw is not None else 0,
+            1.0 - clip_low, 1.0 + clip_high, clip_c or 0.0, kl_coef,
+            HAS_DUAL_CLIP=clip_c is not None, HAS_ISW=isw is not None, HAS_KL=ref is not None,
+            KL_ESTIMATOR=_ESTIMATOR_ID[est], NSTAT=len(_STATS), BLOCK_T=bt,
+        )
+    out, w = aggregate_rows(stats, _N_WEIGHTED, agg, B, T)
+    return out, w, dl
+
+
+class PPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused PPO kernel; differentiable in ``logprobs`` only.
+
+    Forward returns ``(loss, metrics_vector)``; the gradient per token is computed in the forward and saved
+    (``[B, T]`` float32), so backward is one elementwise launch."""
+
+    @staticmethod
+    def forward(ctx, logprobs, old, adv, mask, ref, isw, kw):
+        out, w, dl = _ppo_loss_fwd(logprobs.contiguous(), old, adv, mask, ref, isw, **kw)
+        ctx.save_for_backward(dl, w)
+        ctx.lp_dtype = logprobs.dtype
+        ctx.mark_non_differentiable(out)
+        return out[1].clone(), out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_out):
+        dl, w = ctx.saved_tensors
+        return apply_row_weights(grad_loss, dl, w, ctx.lp_dtype), None, None, None, None, None, None
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             response_mask: torch.Tensor, *, clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
+             clip_ratio_c: float | None = None, loss_agg_mode: str = "token-mean",
+             ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+             rollout_is_weights: torch.Tensor | None = None, global_num_tokens: float | None = None,
+             global_num_seqs: float | None = None,
+             loss_scale_factor: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss with optional dual clip, rollout IS weights and KL term, fused in one kernel.
+
+    Args:
+        logprobs: ``[B, T]`` float32/bf16/fp16 (fp64 -> reference), log-probs of the response tokens under the
+            current policy; the only differentiable input.
+        old_logprobs: ``[B, T]``, log-probs under the policy that sampled them (no gradient).
+        advantages: ``[B, T]`` per token, or ``[B]`` / ``[B, 1]`` per sequence (GRPO), broadcast over tokens.
+        response_mask: ``[B, T]`` bool or {0, 1}; tokens outside it have zero loss and zero gradient.
+        clip_ratio_low, clip_ratio_high: clip range ``[1 - low, 1 + high]`` of the ratio (>= 0; DAPO clip-higher
+            uses high = 0.28). ``clip_ratio_low`` must be <= 1.
+        clip_ratio_c: dual-clip bound (> 1, veRL uses 3.0) for negative advantages; None (default) = off.
+        loss_agg_mode: ``token-mean`` (default), ``seq-mean-token-mean``, ``seq-mean-token-sum``,
+            ``seq-mean-token-sum-norm``; formulas in ``kernels.loss_agg``.
+        ref_logprobs: ``[B, T]`` reference log-probs; required when ``kl_coef`` > 0.
+        kl_coef: weight (>= 0) of the KL term added to every token's loss, unclipped.
+        kl_estimator: ``k1``, ``k2``, ``k3`` (default) or ``abs`` (see ``kernels.kl``).
+        rollout_is_weights: ``[B, T]`` or ``[B]`` importance weights (e.g. truncated pi_old / pi_rollout) multiplying
+            the policy-gradient term (not the KL term); no gradient.
+        global_num_tokens: token-mean denominator over the whole (global) batch; a number or 1-element tensor
+            (a tensor is read with ``.item()``: one host sync). Without it the local token count is used.
+        global_num_seqs: the sequence count of the seq-mean modes over the whole batch (default ``B``).
+        loss_scale_factor: the constant of ``seq-mean-token-sum-norm`` (default ``T``).
+            With global denominators, micro-batch losses sum to the full-batch loss (``kernels.loss_agg``).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d float32 (float64 for float64 inputs), differentiable w.r.t. ``logprobs``
+        (gradient in ``logprobs.dtype``); ``metrics`` a dict of detached 0-d tensors named in the module docstring.
+
+    Raises:
+        TypeError: non-tensor or wrongly typed inputs. ValueError: shape/device mismatches, negative or out-of-range
+        clip ratios, ``clip_ratio_c`` <= 1, ``kl_coef`` < 0 or > 0 without ``ref_logprobs``, unknown
+        ``kl_estimator`` or ``loss_agg_mode``, non-positive denominators.
+    """
+    check_tensor("logprobs", logprobs, ndim=2)
+    check_tensor("old_logprobs", old_logprobs)
+    check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
+    adv = check_broadcast_rows("advantages", advantages, logprobs)
+    check_mask("response_mask", response_mask, "logprobs", logprobs)
+    if ref_logprobs is not None:
+        check_tensor("ref_logprobs", ref_logprobs)
+        check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    isw = None if rollout_is_weights is None else check_broadcast_rows("rollout_is_weights", rollout_is_weights,
+                                                                       logprobs)
+    check_same_device({"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
+                       "response_mask": response_mask, "ref_logprobs": ref_logprobs,
+                       "rollout_is_weights": rollout_is_weights})
+    check_positive("clip_ratio_low", clip_ratio_low, allow_zero=True)
+    check_positive("clip_ratio_high", clip_ratio_high, allow_zero=True)
+    if clip_ratio_low > 1.0:
+        raise ValueError(f"clip_ratio_low must be <= 1 (the ratio's lower bound is 1 - clip_ratio_low), "
+                         f"got {clip_ratio_low}")
+    if clip_ratio_c is not None and not (isinstance(clip_ratio_c, (int, float)) and clip_ratio_c > 1.0):
+        raise ValueError(f"clip_ratio_c must be a number > 1 (dual-clip lower bound) or None, got {clip_ratio_c!r}")
+    check_positive("kl_coef", kl_coef, allow_zero=True)
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logprobs (got None); pass kl_coef=0.0 to train without "
+                         "a reference model")
+    est = resolve_kl_estimator(kl_estimator)
+    agg = check_agg_args(loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor)
+    if not use_triton("ppo_loss", logprobs, old_logprobs, advantages, ref_logprobs, rollout_is_weights):
+        return ppo_loss_ref(logprobs, old_logprobs.detach(), adv.detach(), response_mask,
+                            clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
+                            clip_ratio_c=clip_ratio_c, loss_agg_mode=agg[0], ref_logprobs=ref_logprobs,
+                            kl_coef=kl_coef, kl_estimator=est,
+                            rollout_is_weights=None if isw is None else isw.detach(),
+                            global_num_tokens=agg[1], global_num_seqs=agg[2], loss_scale_factor=agg[3])
+    kw = dict(clip_low=float(clip_ratio_low), clip_high=float(clip_ratio_high),
+              clip_c=None if clip_ratio_c is None else float(clip_ratio_c), kl_coef=float(kl_coef), est=est, agg=agg)
+    loss, out = PPOLossFunction.apply(
+        logprobs, old_logprobs.detach().contiguous(), adv.detach(), response_mask,
+        None if ref_logprobs is None else ref_logprobs.detach().contiguous(),
+        None if isw is None else isw.detach(), kw,
+    )
+    return loss, {name: out[i + 2] for i, name in enumerate(METRIC_NAMES)}
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              response_mask: torch.Tensor, *, kl_coef: float = 0.04, **kwargs) -> tuple[torch.Tensor, dict]:
+    """GRPO policy loss: ``ppo_loss`` with the GRPO defaults (``kl_coef=0.04``, k3 KL to ``ref_logprobs``).
+
+    ``advantages`` are usually per sequence (``[B]``, from ``kernels.group_advantages``). Every other keyword is
+    ``ppo_loss``'s (same defaults: clip 0.2/0.2, token-mean). Pass ``kl_coef=0.0`` (TRL's default beta) to train
+    without a reference model. Raises what ``ppo_loss`` raises."""
+    return ppo_loss(logprobs, old_logprobs, advantages, response_mask, kl_coef=kl_coef, **kwargs)

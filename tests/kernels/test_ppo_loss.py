@@ -1,0 +1,179 @@
+"""ppo_loss / grpo_loss against the float64 reference (values, metrics, gradients), a hand-computed case, the
+micro-batch invariance of every aggregation mode, extreme ratios and bad input."""
+
+import pytest
+import torch
+
+from kernels.loss_agg import LOSS_AGG_MODES
+from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
+from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask
+
+SHAPES = [(4, 64), (5, 37), (1, 1), (3, 300)]  # 300 > one chunk of tokens under the interpreter
+CONFIGS = {
+    "plain": {},
+    "clip_higher+dual": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0),
+    "kl_k3": dict(kl_coef=0.04, kl_estimator="k3"),
+    "kl_k1+is_tok": dict(kl_coef=0.1, kl_estimator="k1", is_weights="token"),
+    "seq_adv+is_seq+k2": dict(kl_coef=0.5, kl_estimator="k2", is_weights="seq", seq_adv=True),
+    "dual+abs": dict(clip_ratio_c=1.5, kl_coef=0.2, kl_estimator="abs"),
+}
+
+
+def make_inputs(B, T, dtype, device, cfg, seed=0):
+    lp = randn(B, T, dtype=dtype, device=device, seed=seed, scale=0.5) - 1.0
+    # old = lp + noise, so ratios straddle both clip bounds
+    old = (lp.double() + randn(B, T, dtype=torch.float64, device=device, seed=seed + 1, scale=0.3)).to(dtype)
+    adv_shape = (B,) if cfg.get("seq_adv") else (B, T)
+    adv = randn(*adv_shape, dtype=dtype, device=device, seed=seed + 2)
+    mask = random_mask(B, T, device, seed + 3, full_rows=(0,), empty_rows=(B - 1,) if B > 2 else ())
+    kw = {k: v for k, v in cfg.items() if k not in ("is_weights", "seq_adv")}
+    if cfg.get("kl_coef"):
+        kw["ref_logprobs"] = (lp.double() + randn(B, T, dtype=torch.float64, device=device, seed=seed + 4,
+                                                   scale=0.4)).to(dtype)
+    if cfg.get("is_weights"):
+        shape = (B, T) if cfg["is_weights"] == "token" else (B,)
+        kw["rollout_is_weights"] = randn(*shape, dtype=torch.float64, device=device, seed=seed + 5).abs().to(dtype)
+    return lp, old, adv, mask, kw
+
+
+def to64(kw):
+    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+# Every option under the two common modes, and every mode under one config with all the options' code paths.
+CASES = [(c, m) for c in CONFIGS for m in ("token-mean", "seq-mean-token-mean")] + [
+    ("kl_k1+is_tok", m) for m in ("seq-mean-token-sum", "seq-mean-token-sum-norm")
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("config, mode", CASES)
+def test_ppo_loss_matches_float64(backend, device, shape, dtype, config, mode):
+    lp, old, adv, mask, kw = make_inputs(*shape, dtype, device, CONFIGS[config])
+    x = lp.clone().requires_grad_(True)
+    loss, metrics = ppo_loss(x, old, adv, mask, loss_agg_mode=mode, **kw)
+    loss.backward()
+
+    x64 = lp.double().requires_grad_(True)
+    gold, gold_metrics = ppo_loss_ref(x64, old.double(), adv.double(), mask, loss_agg_mode=mode, **to64(kw))
+    gold.backward()
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, gold, torch.float32, "loss", scale=5)  # fp32 sums over up to 900 tokens
+    assert set(metrics) == set(gold_metrics)
+    for name, value in metrics.items():
+        assert not value.requires_grad
+        assert_close(value, gold_metrics[name], torch.float32, name, scale=5)
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x64.grad, dtype, "dlogprobs")
+    assert torch.all(x.grad[~mask] == 0)
+
+
+def test_ppo_loss_hand_computed(backend, device):
+    # token 0: r = 1.5, A = +1 -> clipped at 1.2: loss -1.2, no gradient; token 1: r = 0.5, A = +1 -> loss -0.5,
+    # gradient -A*r = -0.5; token-mean over 2 tokens.
+    old = torch.zeros(1, 2, device=device)
+    lp = torch.log(torch.tensor([[1.5, 0.5]], device=device)).requires_grad_(True)
+    adv = torch.ones(1, 2, device=device)
+    loss, metrics = ppo_loss(lp, old, adv, torch.ones(1, 2, dtype=torch.bool, device=device))
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.85, abs=1e-6)
+    assert lp.grad.tolist()[0] == pytest.approx([0.0, -0.25], abs=1e-6)
+    assert metrics["pg_clipfrac"].item() == pytest.approx(0.5)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
+    assert metrics["clip_ratio/low_mean"].item() == 0.0
+
+
+def test_ppo_loss_on_policy_gradient_is_minus_advantage(backend, device):
+    lp = randn(3, 9, dtype=torch.float32, device=device, seed=7).requires_grad_(True)
+    adv = randn(3, dtype=torch.float32, device=device, seed=8)
+    mask = random_mask(3, 9, device, seed=9, full_rows=(0,))
+    loss, metrics = grpo_loss(lp, lp.detach(), adv, mask, kl_coef=0.0)
+    loss.backward()
+    expected = -adv[:, None].expand(3, 9) * mask / mask.sum()
+    assert_close(lp.grad, expected, torch.float32, "dlogprobs")
+    assert metrics["pg_clipfrac"].item() == 0.0 and metrics["ppo_kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_ppo_loss_micro_batch_split_sums_to_full_batch(backend, device, mode):
+    B, T = 8, 23
+    lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, device, CONFIGS["kl_k3"], seed=11)
+    globals_ = dict(global_num_tokens=int(mask.sum()), global_num_seqs=B, loss_scale_factor=T)
+    full_x = lp.clone().requires_grad_(True)
+    full, _ = ppo_loss(full_x, old, adv, mask, loss_agg_mode=mode, **kw, **globals_)
+    full.backward()
+    total = torch.zeros((), device=device)
+    grads = []
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
+        x = lp[rows].clone().requires_grad_(True)
+        part, _ = ppo_loss(x, old[rows], adv[rows], mask[rows], loss_agg_mode=mode,
+                           ref_logprobs=kw["ref_logprobs"][rows], kl_coef=kw["kl_coef"], **globals_)
+        part.backward()
+        total = total + part.detach()
+        grads.append(x.grad)
+    assert_close(total, full.detach(), torch.float32, "summed micro-batch loss")
+    assert_close(torch.cat(grads), full_x.grad, torch.float32, "micro-batch grads")
+
+
+def test_ppo_loss_extreme_log_ratio_is_clamped(backend, device):
+    lp = torch.tensor([[-0.5, -60.0, -1.0]], device=device, requires_grad=True)
+    old = torch.tensor([[-50.0, -0.5, -1.0]], device=device)
+    adv = torch.tensor([[-1.0, 1.0, 1.0]], device=device)
+    loss, metrics = ppo_loss(lp, old, adv, torch.ones(1, 3, device=device), clip_ratio_c=3.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    gold, _ = ppo_loss_ref(lp.detach().double(), old.double(), adv.double(), torch.ones(1, 3), clip_ratio_c=3.0)
+    assert_close(loss, gold, torch.float32, "loss")
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] == 0  # beyond the +-20 nat clamp: no gradient
+
+
+def test_ppo_loss_all_masked_is_zero_not_nan(backend, device):
+    lp = randn(2, 5, dtype=torch.float32, device=device, seed=3).requires_grad_(True)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    for mode in LOSS_AGG_MODES:
+        loss, metrics = ppo_loss(lp, lp.detach() + 0.1, torch.ones(2, device=device), mask, loss_agg_mode=mode)
+        loss.backward()
+        assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+    assert torch.all(lp.grad == 0)
+
+
+def test_ppo_loss_gradcheck_reference():
+    lp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    old = lp.detach() + 0.3 * torch.randn(2, 4, dtype=torch.float64)
+    adv, ref = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+
+    def f(x):
+        return ppo_loss_ref(x, old, adv, mask, clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.1)[0]
+
+    assert torch.autograd.gradcheck(f, (lp,))
+
+
+def test_ppo_loss_bad_input():
+    lp, mask = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"old_logprobs must have the shape of logprobs \(2, 3\), got \(2, 4\)"):
+        ppo_loss(lp, torch.randn(2, 4), lp, mask)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(2, 3\), \(2,\) or \(2, 1\), got \(3,\)"):
+        ppo_loss(lp, lp, torch.randn(3), mask)
+    with pytest.raises(ValueError, match="response_mask must have the shape"):
+        ppo_loss(lp, lp, lp, mask[:, :2])
+    with pytest.raises(ValueError, match="clip_ratio_low must be >= 0, got -0.1"):
+        ppo_loss(lp, lp, lp, mask, clip_ratio_low=-0.1)
+    with pytest.raises(ValueError, match="clip_ratio_high must be >= 0"):
+        ppo_loss(lp, lp, lp, mask, clip_ratio_high=-1.0)
+    with pytest.raises(ValueError, match="clip_ratio_c must be a number > 1"):
+        ppo_loss(lp, lp, lp, mask, clip_ratio_c=0.5)
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        ppo_loss(lp, lp, lp, mask, loss_agg_mode="token-sum-mean")
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        ppo_loss(lp, lp, lp, mask, ref_logprobs=lp, kl_coef=0.1, kl_estimator="k5")
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        grpo_loss(lp, lp, lp, mask)
+    with pytest.raises(ValueError, match="global_num_tokens must be > 0, got 0"):
+        ppo_loss(lp, lp, lp, mask, global_num_tokens=0)
+    with pytest.raises(TypeError, match="logprobs must have dtype"):
+        ppo_loss(lp.long(), lp, lp, mask)
+    with pytest.raises(ValueError, match="logprobs must have 2 dimensions"):
+        ppo_loss(lp[0], lp[0], lp[0], mask[0])

@@ -10,6 +10,14 @@ a clear message when the other package shadows this one.
 """
 
 from kernels._backend import describe as backend_report
+from kernels.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    group_advantages,
+    group_advantages_ref,
+    masked_whiten,
+    masked_whiten_ref,
+)
+from kernels.gae import discounted_returns, discounted_returns_ref, gae, gae_ref
 from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
 from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
@@ -19,6 +27,15 @@ __rlhf_engine_kernels__ = True
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "discounted_returns",
+    "discounted_returns_ref",
+    "gae",
+    "gae_ref",
+    "group_advantages",
+    "group_advantages_ref",
+    "masked_whiten",
+    "masked_whiten_ref",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "agg_loss_ref",

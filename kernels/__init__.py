@@ -17,10 +17,12 @@ from kernels.advantages import (
     masked_whiten,
     masked_whiten_ref,
 )
+from kernels.dpo_loss import DPO_LOSS_TYPES, dpo_loss, dpo_loss_ref
 from kernels.gae import discounted_returns, discounted_returns_ref, gae, gae_ref
 from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
 from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
+from kernels.reward_loss import pairwise_reward_loss, pairwise_reward_loss_ref
 from kernels.value_loss import value_loss, value_loss_ref
 
 __rlhf_engine_kernels__ = True
@@ -28,6 +30,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "dpo_loss_ref",
+    "pairwise_reward_loss",
+    "pairwise_reward_loss_ref",
     "discounted_returns",
     "discounted_returns_ref",
     "gae",

@@ -20,6 +20,12 @@ from kernels.advantages import (
 from kernels.dpo_loss import DPO_LOSS_TYPES, dpo_loss, dpo_loss_ref
 from kernels.gae import discounted_returns, discounted_returns_ref, gae, gae_ref
 from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
+from kernels.logprobs import (
+    entropy_from_logits,
+    entropy_from_logits_ref,
+    logprobs_from_logits,
+    logprobs_from_logits_ref,
+)
 from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
 from kernels.reward_loss import pairwise_reward_loss, pairwise_reward_loss_ref
@@ -32,6 +38,10 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "DPO_LOSS_TYPES",
     "dpo_loss",
+    "entropy_from_logits",
+    "entropy_from_logits_ref",
+    "logprobs_from_logits",
+    "logprobs_from_logits_ref",
     "dpo_loss_ref",
     "pairwise_reward_loss",
     "pairwise_reward_loss_ref",

@@ -72,3 +72,30 @@ def check_broadcast_rows(name: str, x: object, like: torch.Tensor) -> torch.Tens
     if x.shape == (B,):
         return x.unsqueeze(1)
     raise ValueError(f"{name} must have shape {(B, T)}, {(B,)} or {(B, 1)}, got {tuple(x.shape)}")
+
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_class_labels(name: str, labels: object, shape: torch.Size, num_classes: int,
+                       ignore_index: int) -> torch.Tensor:
+    """Check class labels: an int64/int32 tensor of ``shape`` whose entries are in ``[0, num_classes)`` or equal
+    ``ignore_index``; return it.
+
+    TypeError: not a tensor, not an integer dtype, ``ignore_index`` not an int. ValueError: wrong shape, or a label out
+    of range. The range check reads the labels, so on a GPU it synchronises the host with the device (one ``.item()``).
+    """
+    check_tensor(name, labels, dtypes=INDEX_DTYPES)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits' shape without the last dim), "
+                         f"got {tuple(labels.shape)}")
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if labels.numel() and bool(bad.any()):
+        first = bad.flatten().nonzero()[0, 0]
+        value = int(labels.flatten()[first])
+        where = tuple(int(i) for i in torch.unravel_index(first, labels.shape)) if labels.dim() else ()
+        raise ValueError(f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+                         f"got {value} at index {where}")
+    return labels

@@ -18,6 +18,7 @@ from kernels.advantages import (
     masked_whiten_ref,
 )
 from kernels.dpo_loss import DPO_LOSS_TYPES, dpo_loss, dpo_loss_ref
+from kernels.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
 from kernels.gae import discounted_returns, discounted_returns_ref, gae, gae_ref
 from kernels.kl import KL_ESTIMATORS, kl_penalty, kl_penalty_ref
 from kernels.logprobs import (
@@ -47,6 +48,8 @@ __all__ = [
     "pairwise_reward_loss_ref",
     "discounted_returns",
     "discounted_returns_ref",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_ref",
     "gae",
     "gae_ref",
     "group_advantages",

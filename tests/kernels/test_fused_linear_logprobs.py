@@ -1,0 +1,84 @@
+"""fused_linear_logprobs against the float64 reference (hidden @ W.T + b, then log-softmax): values, entropy and the
+gradients of hidden, weight and bias, with several chunks per call, through both backends."""
+
+import pytest
+import torch
+
+from kernels.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
+from tests._numerics import INPUT_DTYPES, assert_close, randn
+
+# (N, H, V, chunk_size): aligned, odd/prime with a ragged last chunk, 1-sized.
+SHAPES = [(16, 32, 64, 8), (13, 33, 37, 5), (1, 8, 1, None), (7, 5, 300, 3)]
+
+
+def make_inputs(N, H, V, dtype, device, seed=0):
+    hidden = randn(N, H, dtype=dtype, device=device, seed=seed)
+    weight = randn(V, H, dtype=dtype, device=device, seed=seed + 1, scale=H ** -0.5 * 3)
+    bias = randn(V, dtype=dtype, device=device, seed=seed + 2)
+    g = torch.Generator().manual_seed(seed + 3)
+    labels = torch.randint(0, V, (N,), generator=g)
+    if N > 2:
+        labels[1] = -100
+    return hidden, weight, bias, labels.to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("with_bias, temperature", [(True, 0.7), (False, 1.0)])
+def test_fused_linear_logprobs_matches_float64(backend, device, shape, dtype, with_bias, temperature):
+    N, H, V, chunk = shape
+    hidden, weight, bias, labels = make_inputs(N, H, V, dtype, device)
+    g_lp = randn(N, dtype=torch.float32, device=device, seed=10)
+    g_ent = randn(N, dtype=torch.float32, device=device, seed=11)
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    lp, ent = fused_linear_logprobs(h, w, labels, bias=b if with_bias else None, temperature=temperature,
+                                    return_entropy=True, chunk_size=chunk)
+    torch.autograd.backward([lp, ent], [g_lp, g_ent])
+
+    gold_leaves = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    h64, w64, b64 = gold_leaves
+    lp64, ent64 = fused_linear_logprobs_ref(h64, w64, labels, bias=b64 if with_bias else None,
+                                            temperature=temperature, return_entropy=True)
+    torch.autograd.backward([lp64, ent64], [g_lp.double(), g_ent.double()])
+
+    assert lp.dtype == ent.dtype == torch.float32
+    # fp32 sums of H products per logit, then a V-wide log-sum-exp: a few float32 ulps of the logits' magnitude.
+    assert_close(lp, lp64, torch.float32, "logprobs", scale=5)
+    assert_close(ent, ent64, torch.float32, "entropy", scale=5)
+    names = ("dhidden", "dweight", "dbias") if with_bias else ("dhidden", "dweight")
+    for name, ours, gold in zip(names, leaves, gold_leaves):
+        assert ours.grad.dtype == dtype
+        assert_close(ours.grad, gold.grad, dtype, name, scale=5)
+    if not with_bias:
+        assert b.grad is None
+    if N > 2:
+        assert lp[1].item() == 0.0 and ent[1].item() == 0.0
+
+
+def test_fused_linear_logprobs_frozen_head_and_logprobs_only(backend, device):
+    hidden, weight, _, labels = make_inputs(9, 16, 50, torch.float32, device, seed=3)
+    h = hidden.clone().requires_grad_(True)
+    lp = fused_linear_logprobs(h, weight, labels, chunk_size=4)
+    lp.sum().backward()
+    h64 = hidden.double().requires_grad_(True)
+    fused_linear_logprobs_ref(h64, weight.double(), labels).sum().backward()
+    assert weight.grad is None
+    assert_close(h.grad, h64.grad, torch.float32, "dhidden", scale=5)
+
+
+def test_fused_linear_logprobs_bad_input():
+    h, w, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, H\] with H = hidden.shape\[1\] = 8"):
+        fused_linear_logprobs(h, torch.randn(10, 7), labels)
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+        fused_linear_logprobs(h, w.half(), labels)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
+        fused_linear_logprobs(h, w, labels, bias=torch.randn(9))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        fused_linear_logprobs(h, w, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fused_linear_logprobs(h, w, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fused_linear_logprobs(h, w, labels, chunk_size=0)

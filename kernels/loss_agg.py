@@ -130,6 +130,19 @@ def _agg_rows_kernel(
 
 
 @triton.jit
+def token_tile(STATS, T, C, NSTAT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Prologue of the per-token loss kernels on a ``(B, C)`` grid: program ``(row, chunk)`` owns ``BLOCK_T`` tokens of
+    one row. Returns ``(row, cols, ok, offs, stats_ptr)``: column indices, their validity, int64 offsets into a
+    contiguous ``[B, T]`` tensor, and the address of this program's ``NSTAT`` statistics in ``STATS [B, C, NSTAT]``."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = cols < T
+    offs = row.to(tl.int64) * T + cols
+    return row, cols, ok, offs, STATS + (row.to(tl.int64) * C + chunk) * NSTAT
+
+
+@triton.jit
 def _apply_row_weights_kernel(
     DX,  # out: [B, T] gradient, in the dtype of the differentiated input
     DL,  # [B, T] float32 masked per-token d l / d x
@@ -172,6 +185,23 @@ def aggregate_rows(stats: torch.Tensor, n_weighted: int, agg: tuple, B: int, T: 
         BLOCK_B=32 if interpreting() else 256, BLOCK_S=triton.next_power_of_2(nstat),
     )
     return out, w
+
+
+def launch_token_loss(kernel, B: int, T: int, nstat: int, n_weighted: int, agg: tuple, device: torch.device,
+                      *args, **meta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a fused per-token loss kernel and the aggregation.
+
+    ``kernel(DL, STATS, T, C, *args, **meta, NSTAT=, BLOCK_T=)`` runs on a ``(B, C)`` grid and writes the masked
+    per-token gradient ``DL [B, T]`` and per-chunk sums ``STATS [B, C, nstat]`` (layout of ``_agg_rows_kernel``).
+    Returns ``(out [nstat], w [B], dl [B, T])`` float32."""
+    bt = block_t(T)
+    C = triton.cdiv(T, bt)
+    dl = torch.empty((B, T), dtype=torch.float32, device=device)
+    stats = torch.empty((B, C, nstat), dtype=torch.float32, device=device)
+    if B * T:
+        kernel[(B, C)](dl, stats, T, C, *args, NSTAT=nstat, BLOCK_T=bt, **meta)
+    out, w = aggregate_rows(stats, n_weighted, agg, B, T)
+    return out, w, dl
 
 
 def apply_row_weights(grad: torch.Tensor, dl: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

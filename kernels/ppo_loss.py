@@ -40,12 +40,12 @@ from kernels._checks import (
 from kernels.kl import _ESTIMATOR_ID, _kl_value_and_grad, kl_penalty_ref, resolve_kl_estimator
 from kernels.loss_agg import (
     agg_loss_ref,
-    aggregate_rows,
     apply_row_weights,
     as_kernel_mask,
-    block_t,
     check_agg_args,
+    launch_token_loss,
     masked_mean_ref,
+    token_tile,
 )
 
 _LOG_RATIO_CLAMP = 20.0
@@ -113,14 +113,14 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_rati
 def _ppo_loss_fwd_kernel(
     DL,  # out: [B, T] float32, masked per-token d l / d lp (before the aggregation weights)
     STATS,  # out: [B, C, NSTAT] float32 per-(row, chunk) sums, in the order of _STATS
+    T,
+    C,  # token chunks per row (grid axis 1)
     LP,  # [B, T] contiguous log-probs (any float dtype)
     OLD,  # [B, T] contiguous old (behaviour) log-probs
     ADV,  # advantages, element (i, t) at i * stride_adv_b + t * stride_adv_t (stride 0 for per-sequence)
     MASK,  # [B, T] contiguous response mask (uint8 view of bool, or numbers)
     REF,  # [B, T] contiguous reference log-probs (unused unless HAS_KL)
     ISW,  # rollout IS weights, element (i, t) at i * stride_isw_b + t * stride_isw_t (unused unless HAS_ISW)
-    T,
-    C,
     stride_adv_b,
     stride_adv_t,
     stride_isw_b,
@@ -136,11 +136,7 @@ def _ppo_loss_fwd_kernel(
     NSTAT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = cols < T
-    offs = row.to(tl.int64) * T + cols
+    row, cols, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
     lp = tl.load(LP + offs, mask=ok, other=0.0).to(tl.float32)
     old = tl.load(OLD + offs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)
@@ -183,7 +179,6 @@ def _ppo_loss_fwd_kernel(
 
     low = tl.where((ratio < clip_low) & (adv < 0), 1.0, 0.0)
     high = tl.where((ratio > clip_high) & (adv > 0), 1.0, 0.0)
-    base = STATS + (row.to(tl.int64) * C + chunk) * NSTAT
     tl.store(base + 0, tl.sum(m, axis=0))
     tl.store(base + 1, tl.sum(m * loss, axis=0))
     tl.store(base + 2, tl.sum(m * pg, axis=0))
@@ -200,22 +195,14 @@ def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, 
     B, T = lp.shape
     adv = adv.expand(B, T)  # a per-sequence [B, 1] view gets column stride 0
     isw = None if isw is None else isw.expand(B, T)
-    bt = block_t(T)
-    C = triton.cdiv(T, bt)
-    dl = torch.empty((B, T), dtype=torch.float32, device=lp.device)
-    stats = torch.empty((B, C, len(_STATS)), dtype=torch.float32, device=lp.device)
-    if B * T:
-        _ppo_loss_fwd_kernel[(B, C)](
-            dl, stats, lp, old, adv, as_kernel_mask(mask),
-            ref if ref is not None else lp, isw if isw is not None else lp,
-            T, C, adv.stride(0), adv.stride(1),
-            isw.stride(0) if isw is not None else 0, isw.stride(1) if isw is not None else 0,
-            1.0 - clip_low, 1.0 + clip_high, clip_c or 0.0, kl_coef,
-            HAS_DUAL_CLIP=clip_c is not None, HAS_ISW=isw is not None, HAS_KL=ref is not None,
-            KL_ESTIMATOR=_ESTIMATOR_ID[est], NSTAT=len(_STATS), BLOCK_T=bt,
-        )
-    out, w = aggregate_rows(stats, _N_WEIGHTED, agg, B, T)
-    return out, w, dl
+    return launch_token_loss(
+        _ppo_loss_fwd_kernel, B, T, len(_STATS), _N_WEIGHTED, agg, lp.device,
+        lp, old, adv, as_kernel_mask(mask), ref if ref is not None else lp, isw if isw is not None else lp,
+        adv.stride(0), adv.stride(1), isw.stride(0) if isw is not None else 0, isw.stride(1) if isw is not None else 0,
+        1.0 - clip_low, 1.0 + clip_high, clip_c or 0.0, kl_coef,
+        HAS_DUAL_CLIP=clip_c is not None, HAS_ISW=isw is not None, HAS_KL=ref is not None,
+        KL_ESTIMATOR=_ESTIMATOR_ID[est],
+    )
 
 
 class PPOLossFunction(torch.autograd.Function):

@@ -20,12 +20,12 @@ from kernels._backend import compute_dtype, tl, triton, use_triton
 from kernels._checks import check_mask, check_positive, check_same_device, check_same_shape, check_tensor
 from kernels.loss_agg import (
     agg_loss_ref,
-    aggregate_rows,
     apply_row_weights,
     as_kernel_mask,
-    block_t,
     check_agg_args,
+    launch_token_loss,
     masked_mean_ref,
+    token_tile,
 )
 
 _STATS = ("tokens", "loss", "vf_clipfrac", "vpred_mean")
@@ -58,22 +58,18 @@ def value_loss_ref(values, old_values, returns, response_mask, *, cliprange_valu
 def _value_loss_fwd_kernel(
     DL,  # out: [B, T] float32, masked per-token d l / d values (before the aggregation weights)
     STATS,  # out: [B, C, NSTAT] float32 per-(row, chunk) sums, in the order of _STATS
+    T,
+    C,  # token chunks per row (grid axis 1)
     V,  # [B, T] contiguous value predictions (any float dtype)
     OLD,  # [B, T] contiguous old value predictions
     RET,  # [B, T] contiguous returns
     MASK,  # [B, T] contiguous response mask (uint8 view of bool, or numbers)
-    T,
-    C,
     clip,  # cliprange_value (unused unless HAS_CLIP)
     HAS_CLIP: tl.constexpr,
     NSTAT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = cols < T
-    offs = row.to(tl.int64) * T + cols
+    row, cols, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
     v = tl.load(V + offs, mask=ok, other=0.0).to(tl.float32)
     ret = tl.load(RET + offs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)
@@ -94,7 +90,6 @@ def _value_loss_fwd_kernel(
         loss = 0.5 * l1
         clipped = tl.zeros((BLOCK_T,), dtype=tl.float32)
     tl.store(DL + offs, m * gate * (v - ret), mask=ok)
-    base = STATS + (row.to(tl.int64) * C + chunk) * NSTAT
     tl.store(base + 0, tl.sum(m, axis=0))
     tl.store(base + 1, tl.sum(m * loss, axis=0))
     tl.store(base + 2, tl.sum(m * clipped, axis=0))
@@ -104,17 +99,8 @@ def _value_loss_fwd_kernel(
 def _value_loss_fwd(v, old, ret, mask, clip, agg):
     """Launch the fused kernel and the aggregation; returns ``(out [NSTAT], w [B], dl [B, T])`` float32."""
     B, T = v.shape
-    bt = block_t(T)
-    C = triton.cdiv(T, bt)
-    dl = torch.empty((B, T), dtype=torch.float32, device=v.device)
-    stats = torch.empty((B, C, len(_STATS)), dtype=torch.float32, device=v.device)
-    if B * T:
-        _value_loss_fwd_kernel[(B, C)](
-            dl, stats, v, old, ret, as_kernel_mask(mask), T, C, clip or 0.0,
-            HAS_CLIP=clip is not None, NSTAT=len(_STATS), BLOCK_T=bt,
-        )
-    out, w = aggregate_rows(stats, 1, agg, B, T)
-    return out, w, dl
+    return launch_token_loss(_value_loss_fwd_kernel, B, T, len(_STATS), 1, agg, v.device,
+                             v, old, ret, as_kernel_mask(mask), clip or 0.0, HAS_CLIP=clip is not None)
 
 
 class ValueLossFunction(torch.autograd.Function):

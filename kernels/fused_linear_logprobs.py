@@ -80,15 +80,17 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, grad_ent=None):
         hidden, weight, bias, labels = ctx.saved_tensors
-        temperature, ignore_index, return_entropy, chunk = ctx.args
+        temperature, ignore_index, _, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
+            with torch.no_grad():  # recompute the tile; only the softmax part needs a graph
+                z = _chunk_logits(h, weight, bias)
             with torch.enable_grad():
-                z = _chunk_logits(h, weight, bias).detach().requires_grad_(True)
+                z.requires_grad_(True)
                 lp, ent = _logprobs_from_logits(z, labels[s:s + chunk], temperature, ignore_index, True)
                 outs, grads = [], []
                 for out, g in ((lp, grad_lp), (ent, grad_ent)):

@@ -69,7 +69,7 @@ def _value_loss_fwd_kernel(
     NSTAT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    row, cols, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
+    _, _, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
     v = tl.load(V + offs, mask=ok, other=0.0).to(tl.float32)
     ret = tl.load(RET + offs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)

@@ -3,6 +3,8 @@ micro-batch invariance of every aggregation mode, extreme ratios and bad input."
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.loss_agg import LOSS_AGG_MODES
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
@@ -177,3 +179,16 @@ def test_ppo_loss_bad_input():
         ppo_loss(lp.long(), lp, lp, mask)
     with pytest.raises(ValueError, match="logprobs must have 2 dimensions"):
         ppo_loss(lp[0], lp[0], lp[0], mask[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(2, 6), T=st.integers(1, 20), cut=st.integers(1, 5), mode=st.sampled_from(LOSS_AGG_MODES),
+       seed=st.integers(0, 2**16))
+def test_ppo_loss_any_split_sums_to_full_batch(B, T, cut, mode, seed):
+    cut = min(cut, B - 1)
+    lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, "cpu", CONFIGS["clip_higher+dual"], seed=seed)
+    globals_ = dict(global_num_tokens=max(int(mask.sum()), 1), global_num_seqs=B, loss_scale_factor=T)
+    full, _ = ppo_loss(lp, old, adv, mask, loss_agg_mode=mode, **kw, **globals_)
+    parts = [ppo_loss(lp[r], old[r], adv[r], mask[r], loss_agg_mode=mode, **kw, **globals_)[0]
+             for r in (slice(0, cut), slice(cut, B))]
+    assert_close(parts[0] + parts[1], full, torch.float32, "summed loss")

@@ -1,0 +1,566 @@
+"""Ahead-of-time compile every Triton kernel of ``kernels/`` for an H100 (sm_90), without a GPU.
+
+The unit tests run the kernels in Triton's CPU interpreter, which never lowers them: loop-carried type mismatches,
+constexpr misuse, ops without a GPU lowering or int32/int64 pointer-offset mixing only fail when a kernel is compiled
+for a real target. This script compiles each kernel through the full pipeline (TTIR -> TTGIR -> LLVM IR -> PTX ->
+cubin with ptxas) for ``GPUTarget("cuda", 90, 32)``, once per variant the launchers can produce:
+
+- every constexpr branch (estimators, ``HAS_*`` switches, aggregation modes, block sizes, ``num_warps``);
+- each input dtype the public API accepts (float32 / bfloat16 / float16 inputs, bool masks viewed as uint8 and
+  numeric masks, int64 / int32 labels), at least once per kernel;
+- scalar ints as ``i32``, as ``i64`` where the value can exceed 2**31 (strides and row counts of large tensors), and
+  as the constant 1 where a launch commonly passes 1: Triton's launcher turns an int argument equal to 1 into a
+  constexpr (contiguous column strides, one token chunk per row, ``L2 = 1`` for contiguous logits, ``G = 1``).
+
+Pointers carry ``tt.divisibility = 16`` (what a launch with freshly allocated tensors passes); other ints carry no
+divisibility hint (the generic code path). The variants are the table below, one ``*_variants`` builder per kernel
+module listed in ``BUILDERS``, each returning ``Variant`` rows: one row per ``triton.compile`` call. Every ``@triton.jit`` function of ``kernels/`` must either have a variant or be listed in
+``DEVICE_FUNCTIONS`` (helpers inlined into the kernels), so a new kernel without a variant fails the check.
+
+Usage (TRITON_INTERPRET must be unset: under the interpreter ``triton.jit`` returns interpreter functions; this
+script drops it before importing anything)::
+
+    python tests/gpu_compile_check.py                # compile all variants; exit 1 if any fails
+    python tests/gpu_compile_check.py -k logprobs    # only the variants whose kernel or name contains 'logprobs'
+    python tests/gpu_compile_check.py --list         # print the variants, compile nothing
+    python tests/gpu_compile_check.py --fresh-cache  # compile in an empty Triton cache (else cache hits are reused)
+
+Exit status: 0 all compiled, 1 a variant failed (its error is printed), 2 the table is inconsistent with the kernels
+(an argument without a type, a kernel without a variant), 3 nothing can be checked here (triton, its NVIDIA backend or
+ptxas missing): the reason is printed on a line starting with ``SKIP:``.
+
+The compile runs with the triton that ``import triton`` finds. To check against the H100's triton (3.6) from a
+machine with another one, put it first on the path::
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python tests/gpu_compile_check.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import multiprocessing
+import os
+import pkgutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton or kernels are imported: we need real JITFunctions
+# triton 3.9 warns when this is unset; 1 is the default of the triton the H100 runs (3.6), so compile as it does.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SKIP_RC = 3
+TABLE_RC = 2
+TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, 32-thread warps
+
+# Device functions: @triton.jit helpers called from the kernels, compiled (inlined) through them.
+DEVICE_FUNCTIONS = {
+    "_math._log1p", "_math._logsigmoid", "_math._sigmoid",
+    "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ``triton.compile`` call: ``kernel`` is ``"module.function"`` under ``kernels``; ``sig`` types every runtime
+    argument (``"*bf16"`` pointer, ``"i32"``, ``"i64"``, ``"fp32"``); ``const`` gives every constexpr argument and
+    every int argument specialised to the constant 1."""
+
+    kernel: str
+    name: str
+    sig: dict
+    const: dict
+    num_warps: int = 4
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} [{self.name}]"
+
+
+def p(dtype: str) -> str:
+    """Pointer type string of a tensor of Triton dtype ``dtype``."""
+    return "*" + dtype
+
+
+FLOATS = ("fp32", "bf16", "fp16")  # the float dtypes the public API accepts (fp64 runs the reference)
+MASKS = ("u8", "fp32", "i64", "bf16")  # bool masks are viewed as uint8; numeric masks pass through unconverted
+
+
+def rot(seq, i):
+    return seq[i % len(seq)]
+
+
+# --------------------------------------------------------------------------------------------------------- the table
+def kl_variants(V) -> list[Variant]:
+    rows = []
+    for i, (est, has_max) in enumerate(product(range(4), (False, True))):
+        dt = rot(FLOATS, i)
+        const = {"ESTIMATOR": est, "HAS_MAX_KL": has_max, "BLOCK": V.kl._BLOCK}
+        name = f"est={est} max_kl={has_max} {dt}"
+        fwd = {"KL": "*fp32", "LP": p(dt), "REF": p(dt), "N": "i32", "max_kl": "fp32"}
+        bwd = {"DLP": p(dt), "DKL": "*fp32", "LP": p(dt), "REF": p(dt), "N": "i32", "max_kl": "fp32"}
+        rows.append(Variant("kl._kl_penalty_fwd_kernel", name, fwd, const))
+        rows.append(Variant("kl._kl_penalty_bwd_kernel", name, bwd, const))
+    # mixed input dtypes (nothing forces lp and ref to share one) and more than 2**31 elements
+    const = {"ESTIMATOR": 2, "HAS_MAX_KL": True, "BLOCK": V.kl._BLOCK}
+    fwd = {"KL": "*fp32", "LP": "*bf16", "REF": "*fp32", "N": "i64", "max_kl": "fp32"}
+    bwd = {"DLP": "*fp16", "DKL": "*fp32", "LP": "*fp16", "REF": "*bf16", "N": "i64", "max_kl": "fp32"}
+    rows.append(Variant("kl._kl_penalty_fwd_kernel", "k3 lp=bf16 ref=fp32 N=i64", fwd, const))
+    rows.append(Variant("kl._kl_penalty_bwd_kernel", "k3 lp=fp16 ref=bf16 N=i64", bwd, const))
+    return rows
+
+
+def logprobs_variants(V) -> list[Variant]:
+    lpm = V.logprobs
+    # Row layouts: contiguous logits give L2 == 1 (a constexpr at launch) and stride_t == 0; logits[:, :-1, :] of a
+    # [B, L, V] tensor gives two strided levels, and stride_b = L * V can exceed 2**31.
+    layouts = {
+        "contig": ({"V": "i32", "stride_b": "i32", "stride_t": "i32"}, {"L2": 1}),
+        "strided": ({"V": "i32", "L2": "i32", "stride_b": "i64", "stride_t": "i32"}, {}),
+    }
+    vocab = {"V=151936": 151936, "V=1000": 1000, "V=10": 10}  # BLOCK_V 4096 / 1024 / 16 through the launcher
+    stats = {"ROW_MAX": "*fp32", "LOG_SUM": "*fp32", "MEAN_D": "*fp32", "inv_temp": "fp32", "ignore_index": "i32"}
+
+    fwd = [  # (logits dtype, labels dtype or None for entropy_from_logits, vocabulary, layout)
+        ("bf16", "i64", "V=151936", "contig"),
+        ("fp32", "i64", "V=151936", "contig"),  # fused_linear_logprobs: float32 logits tiles
+        ("fp16", "i32", "V=1000", "contig"),
+        ("bf16", "i32", "V=10", "strided"),
+        ("bf16", None, "V=151936", "contig"),
+        ("fp32", None, "V=10", "strided"),
+    ]
+    rows = []
+    for dt, lab, voc, lay in fwd:
+        block = lpm._block_v(vocab[voc])
+        layout_sig, layout_const = layouts[lay]
+        # without labels the launcher passes the float32 entropy buffer for LP and LABELS
+        sig = {"LP": "*fp32", "ENT": "*fp32", "X": p(dt), "LABELS": p(lab or "fp32"), **stats, **layout_sig}
+        const = {"HAS_LABELS": lab is not None, "BLOCK_V": block, **layout_const}
+        rows.append(Variant("logprobs._logprobs_fwd_kernel", f"{dt} labels={lab} {voc} {lay}", sig, const,
+                            num_warps=lpm._num_warps(block)))
+
+    bwd = [  # (logits dtype, labels dtype or None, has dlp, has dent, vocabulary, layout): the reachable flag sets
+        ("bf16", "i64", True, False, "V=151936", "contig"),  # logprobs only
+        ("fp16", "i32", False, True, "V=1000", "contig"),  # entropy of a labelled call only
+        ("fp32", "i64", True, True, "V=151936", "contig"),  # both
+        ("bf16", None, False, True, "V=151936", "contig"),  # entropy_from_logits
+        ("bf16", "i32", True, True, "V=10", "strided"),
+        ("fp32", None, False, True, "V=10", "strided"),
+    ]
+    for dt, lab, has_dlp, has_dent, voc, lay in bwd:
+        block = lpm._block_v(vocab[voc])
+        layout_sig, layout_const = layouts[lay]
+        # missing labels / upstream gradients: the launcher passes the float32 stats buffer instead
+        sig = {"DX": p(dt), "X": p(dt), "LABELS": p(lab or "fp32"), "DLP": "*fp32", "DENT": "*fp32", **stats,
+               **layout_sig}
+        const = {"HAS_LABELS": lab is not None, "HAS_DLP": has_dlp, "HAS_DENT": has_dent, "BLOCK_V": block,
+                 **layout_const}
+        rows.append(Variant("logprobs._logprobs_bwd_kernel", f"{dt} labels={lab} dlp={has_dlp} dent={has_dent} "
+                            f"{voc} {lay}", sig, const, num_warps=lpm._num_warps(block)))
+    return rows
+
+
+def loss_agg_variants(V) -> list[Variant]:
+    la = V.loss_agg
+    rows = []
+    # NSTAT / N_WEIGHTED of the two callers: ppo_loss (9 statistics, 2 weighted) and value_loss (4, 1)
+    callers = {"ppo": (len(V.ppo_loss._STATS), V.ppo_loss._N_WEIGHTED), "value": (len(V.value_loss._STATS), 1)}
+    agg = [  # (caller, mode, B, C): C == 1 (T <= 1024 on the GPU) and B == 1 are constexprs at launch
+        ("ppo", 0, "i32", 1), ("ppo", 1, "i32", "i32"), ("ppo", 2, "i32", 1), ("ppo", 3, "i32", "i32"),
+        ("value", 0, "i32", "i32"), ("value", 1, 1, 1),
+    ]
+    for caller, mode, b, c in agg:
+        nstat, n_weighted = callers[caller]
+        sig = {"OUT": "*fp32", "W": "*fp32", "STATS": "*fp32", "n_tok": "fp32", "n_seq": "fp32", "scale": "fp32"}
+        const = {"NSTAT": nstat, "N_WEIGHTED": n_weighted, "MODE": mode, "BLOCK_B": 256,
+                 "BLOCK_S": V.triton.next_power_of_2(nstat)}
+        for arg, val in (("B", b), ("C", c)):
+            (const if val == 1 else sig)[arg] = val
+        rows.append(Variant("loss_agg._agg_rows_kernel", f"{caller} mode={la.LOSS_AGG_MODES[mode]} B={b} C={c}",
+                            sig, const))
+    for i, dt in enumerate(FLOATS):
+        block = la.block_t(4096 if i < 2 else 10)  # 1024, 1024, 16
+        sig = {"DX": p(dt), "DL": "*fp32", "W": "*fp32", "G": "*fp32", "T": "i32"}
+        rows.append(Variant("loss_agg._apply_row_weights_kernel", f"dx={dt} BLOCK_T={block}", sig,
+                            {"BLOCK_T": block}))
+    return rows
+
+
+def ppo_variants(V) -> list[Variant]:
+    nstat = len(V.ppo_loss._STATS)
+    scalars = {"clip_low": "fp32", "clip_high": "fp32", "clip_c": "fp32", "kl_coef": "fp32"}
+    rows = []
+    kl_rows = 0
+    for i, (dual, isw, kl) in enumerate(product((False, True), repeat=3)):
+        dt = rot(FLOATS, i)
+        per_seq_adv = i % 2 == 0
+        # without ref_logprobs / IS weights the launcher passes the logprobs pointer in their place
+        sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "LP": p(dt), "OLD": p(dt), "ADV": "*fp32",
+               "MASK": p(rot(MASKS, i)), "REF": p("fp32" if kl else dt), "ISW": p("fp32" if isw else dt), **scalars}
+        const = {"HAS_DUAL_CLIP": dual, "HAS_ISW": isw, "HAS_KL": kl, "KL_ESTIMATOR": kl_rows % 4 if kl else 2,
+                 "NSTAT": nstat, "BLOCK_T": V.loss_agg.block_t(4096)}
+        kl_rows += kl
+        # per-sequence advantages [B, 1] expanded: strides (1, 0); per-token [B, T] contiguous: (T, 1)
+        if per_seq_adv:
+            const["stride_adv_b"], sig["stride_adv_t"] = 1, "i32"
+        else:
+            sig["stride_adv_b"], const["stride_adv_t"] = "i32", 1
+        if isw:  # per-token IS weights: strides (T, 1)
+            sig["stride_isw_b"], const["stride_isw_t"] = "i32", 1
+        else:  # no IS weights: the launcher passes strides 0, 0
+            sig["stride_isw_b"], sig["stride_isw_t"] = "i32", "i32"
+        if i % 2:
+            const["C"] = 1  # one token chunk per row (T <= 1024)
+        else:
+            sig["C"] = "i32"
+        name = (f"dual={dual} isw={isw} kl={kl}" + (f" est={const['KL_ESTIMATOR']}" if kl else "")
+                + f" {dt} mask={sig['MASK'][1:]} adv={'seq' if per_seq_adv else 'tok'} C={sig.get('C', 1)}")
+        rows.append(Variant("ppo_loss._ppo_loss_fwd_kernel", name, sig, const))
+    # every int generic (strided advantages and IS weights), mixed dtypes, short responses (BLOCK_T 16)
+    sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "C": "i32", "LP": "*bf16", "OLD": "*fp16", "ADV": "*bf16",
+           "MASK": "*i32", "REF": "*bf16", "ISW": "*fp32", "stride_adv_b": "i32", "stride_adv_t": "i32",
+           "stride_isw_b": "i32", "stride_isw_t": "i32", **scalars}
+    const = {"HAS_DUAL_CLIP": True, "HAS_ISW": True, "HAS_KL": True, "KL_ESTIMATOR": 2, "NSTAT": nstat,
+             "BLOCK_T": V.loss_agg.block_t(10)}
+    rows.append(Variant("ppo_loss._ppo_loss_fwd_kernel",
+                        "all ints i32 bf16 lp, fp16 old, bf16 adv, i32 mask BLOCK_T=16", sig, const))
+    return rows
+
+
+def value_variants(V) -> list[Variant]:
+    nstat = len(V.value_loss._STATS)
+    rows = []
+    for i, (clip, dt) in enumerate([(True, "bf16"), (False, "fp32"), (True, "fp16")]):
+        generic = i == 2  # float32 targets for fp16 values, several token chunks, short responses
+        other = "fp32" if generic else dt
+        sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "V": p(dt), "OLD": p(other), "RET": p(other),
+               "MASK": p(rot(MASKS, i)), "clip": "fp32"}
+        const = {"HAS_CLIP": clip, "NSTAT": nstat, "BLOCK_T": V.loss_agg.block_t(10 if generic else 4096)}
+        if generic:
+            sig["C"] = "i32"
+        else:
+            const["C"] = 1
+        rows.append(Variant("value_loss._value_loss_fwd_kernel",
+                            f"clip={clip} {dt} old/ret={other} mask={sig['MASK'][1:]} BLOCK_T={const['BLOCK_T']}",
+                            sig, const))
+    return rows
+
+
+def gae_variants(V) -> list[Variant]:
+    g = V.gae
+    rows = []
+    # Contiguous [B, T] inputs have a column stride of 1 (a constexpr at launch); a sliced batch has generic strides.
+    cases = [  # (skip_masked, rewards dtype, values dtype, mask dtype, B, contiguous)
+        (True, "fp32", "fp32", "u8", 4096, True), (False, "bf16", "bf16", "fp32", 8, True),
+        (True, "fp16", "bf16", "i64", 8, False), (False, "fp32", "fp16", "u8", 4096, False),
+    ]
+    for skip, r_dt, v_dt, m_dt, B, contiguous in cases:
+        sig = {"ADV": "*fp32", "RET": "*fp32", "R": p(r_dt), "V": p(v_dt), "M": p(m_dt), "B": "i32", "T": "i32",
+               "gamma": "fp32", "gamma_lam": "fp32"}
+        const = {"SKIP_MASKED": skip, "BLOCK_B": g._block_b(B)}
+        for t in ("r", "v", "m"):
+            sig[f"stride_{t}b"] = "i32"
+            if contiguous:
+                const[f"stride_{t}t"] = 1
+            else:
+                sig[f"stride_{t}t"] = "i32"
+        name = (f"skip_masked={skip} r={r_dt} v={v_dt} m={m_dt} BLOCK_B={const['BLOCK_B']} "
+                f"{'contig' if contiguous else 'strided'}")
+        rows.append(Variant("gae._gae_fwd_kernel", name, sig, const))
+    for r_dt, m_dt, B, contiguous in [("fp32", "u8", 4096, True), ("bf16", "fp32", 8, False),
+                                      ("fp16", "i64", 8, True)]:
+        sig = {"RET": "*fp32", "R": p(r_dt), "M": p(m_dt), "B": "i32", "T": "i32", "gamma": "fp32"}
+        const = {"BLOCK_B": g._block_b(B)}
+        for t in ("r", "m"):
+            sig[f"stride_{t}b"] = "i32"
+            if contiguous:
+                const[f"stride_{t}t"] = 1
+            else:
+                sig[f"stride_{t}t"] = "i32"
+        name = f"r={r_dt} m={m_dt} BLOCK_B={const['BLOCK_B']} {'contig' if contiguous else 'strided'}"
+        rows.append(Variant("gae._discounted_returns_fwd_kernel", name, sig, const))
+    return rows
+
+
+def advantages_variants(V) -> list[Variant]:
+    adv = V.advantages
+    rows = []
+    scalars = {"inv_g": "fp32", "inv_dof": "fp32", "rloo_scale": "fp32", "epsilon": "fp32"}
+    group = [  # (estimator, norm_by_std, scores dtype, G): G == 1 is the SINGLETON branch (G a constexpr 1 there)
+        (0, True, "fp32", 1), (0, False, "bf16", 1), (1, True, "fp16", 1),
+        (0, True, "bf16", 16), (0, False, "fp32", 16), (1, True, "fp16", 16), (0, True, "fp32", 4096),
+    ]
+    for est, norm, dt, G in group:
+        block = 1 if G == 1 else min(V.triton.next_power_of_2(G), adv._GROUP_MAX_BLOCK)
+        sig = {"OUT": "*fp32", "S": p(dt), **scalars}
+        const = {"ESTIMATOR": est, "NORM_BY_STD": norm, "SINGLETON": G == 1, "BLOCK": block}
+        if G == 1:
+            const["G"] = 1
+        else:
+            sig["G"] = "i32"
+        if G == 4096:  # a strided score vector
+            sig["stride_s"] = "i32"
+        else:
+            const["stride_s"] = 1
+        rows.append(Variant("advantages._group_advantages_kernel",
+                            f"{adv.ADVANTAGE_ESTIMATORS[est]} norm_by_std={norm} {dt} G={G} BLOCK={block}",
+                            sig, const))
+    # masked_whiten: NUM_PROGRAMS = min(cdiv(N, 1024), 256) partials, PART_BLOCK its next power of 2
+    whiten = [("bf16", "u8", "i32", 256), ("fp32", "fp32", "i32", 1), ("fp16", "i64", "i64", 3)]
+    for i, (v_dt, m_dt, n, parts) in enumerate(whiten):
+        shapes = {"BLOCK": adv._BLOCK, "NUM_PROGRAMS": parts}
+        part_block = V.triton.next_power_of_2(parts)
+        name = f"v={v_dt} m={m_dt} N={n} NUM_PROGRAMS={parts}"
+        sig = {"PART": "*fp32", "V": p(v_dt), "M": p(m_dt), "N": n}
+        rows.append(Variant("advantages._masked_sum_kernel", name, sig, shapes))
+        sig = {"PART_SQ": "*fp32", "PART_SUM": "*fp32", "V": p(v_dt), "M": p(m_dt), "N": n, "inv_n": "fp32"}
+        rows.append(Variant("advantages._masked_sq_dev_kernel", name, sig, {**shapes, "PART_BLOCK": part_block}))
+        sig = {"OUT": "*fp32", "PART_SUM": "*fp32", "PART_SQ": "*fp32", "V": p(v_dt), "N": n, "inv_n": "fp32",
+               "inv_nm1": "fp32", "epsilon": "fp32"}
+        const = {**shapes, "PART_BLOCK": part_block, "SHIFT_MEAN": i != 1}
+        rows.append(Variant("advantages._whiten_apply_kernel", f"shift_mean={i != 1} v={v_dt} N={n} "
+                            f"NUM_PROGRAMS={parts}", sig, const))
+    return rows
+
+
+def dpo_variants(V) -> list[Variant]:
+    d = V.dpo_loss
+    rows = []
+    # (ipo, policy dtype, reference dtype, B): B == 1 is a constexpr at launch
+    for ipo, pol, ref, B in [(False, "bf16", "fp32", 64), (True, "fp32", "fp32", 1000), (False, "fp16", "fp16", 1)]:
+        sig = {"LOSS": "*fp32", "METRICS": "*fp32", "GRAD": "*fp32", "PC": p(pol), "PR": p(pol), "RC": p(ref),
+               "RR": p(ref), "beta": "fp32", "c_pos": "fp32", "c_neg": "fp32", "inv_B": "fp32"}
+        const = {"IS_IPO": ipo, "BLOCK": d._block(B)}
+        if B == 1:
+            const["B"] = 1
+        else:
+            sig["B"] = "i32"
+        rows.append(Variant("dpo_loss._dpo_loss_fwd_kernel",
+                            f"ipo={ipo} policy={pol} ref={ref} B={B} BLOCK={const['BLOCK']}", sig, const))
+    # gradients nobody needs get the float32 GRAD buffer as a placeholder pointer
+    for pol_grad, ref_grad, dt in [(True, False, "bf16"), (False, True, "fp32"), (True, True, "fp16")]:
+        pol_dt, ref_dt = (dt if pol_grad else "fp32"), (dt if ref_grad else "fp32")
+        sig = {"DPC": p(pol_dt), "DPR": p(pol_dt), "DRC": p(ref_dt), "DRR": p(ref_dt), "GRAD": "*fp32",
+               "DOUT": "*fp32", "B": "i32"}
+        const = {"HAS_POLICY_GRAD": pol_grad, "HAS_REF_GRAD": ref_grad, "BLOCK": d._block(64)}
+        rows.append(Variant("dpo_loss._dpo_loss_bwd_kernel", f"policy_grad={pol_grad} ref_grad={ref_grad} {dt}",
+                            sig, const))
+    return rows
+
+
+def reward_variants(V) -> list[Variant]:
+    r = V.reward_loss
+    rows = []
+    for i, (has_margin, has_center) in enumerate(product((False, True), repeat=2)):
+        dt = rot(FLOATS, i)
+        margin_dt = "fp32" if has_margin else dt  # no margin tensor: the launcher passes the chosen rewards
+        block = r._block(1000 if i == 3 else 64)
+        sig = {"LOSS": "*fp32", "GC": "*fp32", "GR": "*fp32", "RC": p(dt), "RR": p(dt), "M": p(margin_dt),
+               "B": "i32", "margin": "fp32", "center_coef": "fp32", "inv_B": "fp32"}
+        const = {"HAS_MARGIN_TENSOR": has_margin, "HAS_CENTER": has_center, "BLOCK": block}
+        rows.append(Variant("reward_loss._pairwise_reward_loss_fwd_kernel",
+                            f"margin_tensor={has_margin} center={has_center} {dt} BLOCK={block}", sig, const))
+    for dc, dr in [("bf16", "fp32"), ("fp16", "fp16")]:
+        sig = {"DC": p(dc), "DR": p(dr), "GC": "*fp32", "GR": "*fp32", "DOUT": "*fp32", "B": "i32"}
+        rows.append(Variant("reward_loss._pairwise_reward_loss_bwd_kernel", f"dc={dc} dr={dr}", sig,
+                            {"BLOCK": r._block(64)}))
+    return rows
+
+
+BUILDERS = (kl_variants, logprobs_variants, loss_agg_variants, ppo_variants, value_variants, gae_variants,
+            advantages_variants, dpo_variants, reward_variants)
+
+
+# ------------------------------------------------------------------------------------------------------- machinery
+def kernel_modules() -> list[str]:
+    """Every module of the ``kernels`` package (``kl``, ``logprobs``, ...): all are scanned for @triton.jit."""
+    import kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
+
+
+class _Modules:
+    """``V.kl``, ``V.logprobs``, ...: the kernel modules, for launcher constants and helpers (block sizes)."""
+
+    def __init__(self):
+        import triton
+
+        self.triton = triton
+        for name in kernel_modules():
+            setattr(self, name, importlib.import_module(f"kernels.{name}"))
+
+
+def build_variants() -> list[Variant]:
+    mods = _Modules()
+    return [v for build in BUILDERS for v in build(mods)]
+
+
+def resolve(kernel: str):
+    module, fn = kernel.split(".")
+    return getattr(importlib.import_module(f"kernels.{module}"), fn)
+
+
+def full_signature(v: Variant, fn) -> tuple[dict, dict]:
+    """``(signature, constexprs)`` over every argument of ``fn``, in order; raises ``ValueError`` on a table error."""
+    names = list(fn.arg_names)
+    unknown = (set(v.sig) | set(v.const)) - set(names)
+    both = set(v.sig) & set(v.const)
+    missing = [n for n in names if n not in v.sig and n not in v.const]
+    declared = {names[i] for i in getattr(fn, "constexprs", [])}
+    not_const = sorted(declared - set(v.const))
+    problems = [f"{what}: {sorted(s)}" for what, s in (("unknown arguments", unknown), ("typed and constant", both),
+                                                        ("untyped arguments", missing),
+                                                        ("constexpr without a value", not_const)) if s]
+    if problems:
+        raise ValueError(f"{v.label}: " + "; ".join(problems))
+    signature = {n: ("constexpr" if n in v.const else v.sig[n]) for n in names}
+    return signature, dict(v.const)
+
+
+def check_table(variants: list[Variant]) -> list[str]:
+    """Table errors: bad rows, and @triton.jit functions of kernels/ with no variant that are not device functions."""
+    from triton.runtime.jit import JITFunction
+
+    errors = []
+    for v in variants:
+        try:
+            full_signature(v, resolve(v.kernel))
+        except (ValueError, AttributeError) as exc:
+            errors.append(str(exc))
+    covered = {v.kernel for v in variants}
+    for name in kernel_modules():
+        mod = importlib.import_module(f"kernels.{name}")
+        for attr, obj in vars(mod).items():
+            key = f"{name}.{attr}"
+            if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ and key not in covered \
+                    and key not in DEVICE_FUNCTIONS:
+                errors.append(f"kernels/{name}.py: @triton.jit {attr} has no variant in tests/gpu_compile_check.py "
+                              f"(add one, or list it in DEVICE_FUNCTIONS if it is only called from kernels)")
+    return errors
+
+
+def compile_variant(v: Variant) -> tuple[bool, float, str]:
+    """Compile one variant for sm_90; returns ``(ok, seconds, error or summary)``. Runs in a worker process."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    try:
+        fn = resolve(v.kernel)
+        signature, constexprs = full_signature(v, fn)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": v.num_warps, **v.options})
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("no cubin produced")
+        md = compiled.metadata
+        info = f"warps={md.num_warps} shared={md.shared}B"
+        return True, time.perf_counter() - t0, info
+    except Exception as exc:  # noqa: BLE001 - every failure is reported
+        # Triton's CompilationError carries the kernel source around the failing line; ptxas errors carry its log.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        detail = f"raised at {where.filename}:{where.lineno}\n" + "".join(traceback.format_exception_only(exc))
+        return False, time.perf_counter() - t0, detail
+
+
+def _worker_init(cache_dir: str | None):
+    if cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    import kernels  # noqa: F401 - pay the torch/triton import once per worker
+
+
+def preflight() -> str | None:
+    """Why nothing can be compiled here (triton, its NVIDIA backend or ptxas missing), or None."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    try:
+        from triton.backends import backends
+    except ImportError:
+        backends = {}
+    if backends and "nvidia" not in backends:
+        return f"triton has no NVIDIA backend (backends: {sorted(backends)})"
+    try:
+        from triton import knobs
+
+        ptxas = knobs.nvidia.ptxas
+        return None if ptxas.path else "ptxas not found"
+    except AttributeError:  # older triton without knobs: the first compile reports a missing ptxas
+        return None
+    except RuntimeError as exc:  # "Cannot find ptxas"
+        return f"ptxas is unavailable ({exc}); set TRITON_PTXAS_PATH to a CUDA ptxas that supports sm_90"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", "--filter", default="", help="only variants whose kernel or name contains this")
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
+    ap.add_argument("--fresh-cache", action="store_true", help="compile in an empty temporary Triton cache")
+    args = ap.parse_args(argv)
+
+    reason = preflight()
+    if reason:
+        print(f"SKIP: {reason}")
+        return SKIP_RC
+    import triton
+
+    variants = build_variants()
+    errors = check_table(variants)
+    if errors:
+        print("variant table is inconsistent with kernels/:", *errors, sep="\n  ")
+        return TABLE_RC
+    variants = [v for v in variants if args.filter in v.label]
+    if args.list:
+        for v in variants:
+            print(f"{v.label} num_warps={v.num_warps}")
+        print(f"{len(variants)} variants")
+        return 0
+
+    from triton import knobs
+
+    ptxas = knobs.nvidia.ptxas if hasattr(knobs, "nvidia") else None
+    print(f"triton {triton.__version__}, target {TARGET[0]} sm_{TARGET[1]}, "
+          f"ptxas {getattr(ptxas, 'version', '?')} ({getattr(ptxas, 'path', '?')}), "
+          f"{len(variants)} variants, {args.jobs} jobs", flush=True)
+    tmp = tempfile.TemporaryDirectory(prefix="triton-cache-") if args.fresh_cache else None
+    t0 = time.perf_counter()
+    failures = []
+    width = max((len(v.label) for v in variants), default=0)
+    ctx = multiprocessing.get_context("spawn")  # no fork after LLVM/MLIR initialisation in the parent
+    with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_worker_init,
+                                initargs=(tmp.name if tmp else None,)) as pool:
+        for v, (ok, secs, info) in zip(variants, pool.map(compile_variant, variants)):
+            print(f"{'ok  ' if ok else 'FAIL'} {v.label:<{width}} {secs:6.2f}s  {info if ok else ''}".rstrip(),
+                  flush=True)
+            if not ok:
+                failures.append((v, info))
+    total = time.perf_counter() - t0
+    if tmp:
+        tmp.cleanup()
+    for v, info in failures:
+        print(f"\n=== FAILED: {v.label} (num_warps={v.num_warps})\nsignature: {v.sig}\nconstexprs: {v.const}\n{info}")
+    kernels_seen = len({v.kernel for v in variants})
+    print(f"\n{len(variants) - len(failures)}/{len(variants)} variants of {kernels_seen} kernels compiled for "
+          f"sm_{TARGET[1]} in {total:.1f}s wall" + (f"; {len(failures)} FAILED" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""The rollout generator: paged KV cache shared by the samples of a group, continuous batching, a sampler that returns
+the log-prob of every token it draws. Public API (vLLM's vocabulary): ``Generator``, ``SamplingParams``,
+``RequestOutput``, ``CompletionOutput``."""

@@ -1,0 +1,84 @@
+"""What one forward step of the generator tells the attention layers: where each new token's K/V goes in the paged
+cache, and which cached tokens each sequence attends to.
+
+Layout of the paged KV cache (flash-attn's): per layer, ``k_cache`` and ``v_cache`` are ``[num_blocks, block_size,
+H_kv, D]``; token ``j`` of a sequence lives in block ``block_tables[s, j // block_size]`` at offset
+``j % block_size``, i.e. in the flat slot ``block_id * block_size + offset``.
+
+A step packs the new tokens of ``S`` sequences into ``N`` rows: sequence ``s`` owns rows
+``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (its ``Q_s`` new tokens; decode: ``Q_s = 1``). After the step writes them, the
+sequence has ``context_lens[s] = L_s`` cached tokens, and its new token ``i`` sits at position ``L_s - Q_s + i`` and
+attends to positions ``0 .. L_s - Q_s + i`` (causal, aligned bottom-right: the new tokens are the last ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs; tensors live on the model's device, the ``*_list`` twins on the host (no sync)."""
+
+    slot_mapping: torch.Tensor
+    """``[N]`` int64: flat cache slot of each new token's K/V."""
+    block_tables: torch.Tensor
+    """``[S, max_blocks]`` int32: block ids of each sequence's context, padded with 0 (bounded by context_lens)."""
+    context_lens: torch.Tensor
+    """``[S]`` int32: tokens in the cache for each sequence after this step's write."""
+    cu_seqlens_q: torch.Tensor
+    """``[S + 1]`` int32: prefix sums of the new-token counts."""
+    query_lens_list: list[int]
+    """``[S]`` host copy of the new-token counts."""
+    context_lens_list: list[int]
+    """``[S]`` host copy of ``context_lens``."""
+    block_size: int
+    """Tokens per cache block."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_list)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence has exactly one new token (the decode step)."""
+        return all(q == 1 for q in self.query_lens_list)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_list, default=0)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_list, default=0)
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
+              device: torch.device) -> AttentionMetadata:
+        """Build the metadata from host lists: per sequence its block ids, its context length after the step and its
+        number of new tokens (the last ``query_lens[s]`` positions of the context)."""
+        if not (len(block_tables) == len(context_lens) == len(query_lens)):
+            raise ValueError(f"block_tables, context_lens and query_lens must have one entry per sequence, got "
+                             f"{len(block_tables)}, {len(context_lens)}, {len(query_lens)}")
+        slots: list[int] = []
+        for table, ctx, q in zip(block_tables, context_lens, query_lens):
+            if not 0 < q <= ctx or ctx > len(table) * block_size:
+                raise ValueError(f"a sequence needs 0 < query_len <= context_len <= blocks * block_size, got "
+                                 f"query_len={q}, context_len={ctx}, {len(table)} blocks of {block_size}")
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx - q, ctx))
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            query_lens_list=list(query_lens),
+            context_lens_list=list(context_lens),
+            block_size=block_size,
+        )

@@ -1,0 +1,193 @@
+"""The generator's forward pass for the Llama family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral without sliding window),
+computed on the Hugging Face module's own parameters.
+
+``LlamaFamilyModel(hf_model)`` keeps references to the HF submodules and reads their ``.weight``/``.bias`` at every
+call: nothing is copied, so after the trainer's optimizer step (or a ``load_state_dict``) the next rollout uses the
+new weights. It replaces HF's batch/padding/DynamicCache forward with the generator's packed layout: the ``N`` new
+tokens of all sequences in one ``[N, hidden]`` matrix, K/V in the paged cache, attention by an ``AttentionBackend``.
+Each operation mirrors HF's modelling code in the same dtypes and order (RMSNorm in float32 rounded back to the
+model dtype, RoPE cos/sin computed in float32 from the HF rotary module's ``inv_freq``/``attention_scaling`` then
+rounded to the model dtype), so in float32 the logits agree with ``hf_model(input_ids).logits`` to ~1e-6.
+
+Dims: ``N`` new tokens in the step, ``S`` sequences, ``H`` query heads, ``H_kv`` K/V heads, ``D`` head dim,
+``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.fused_linear_logprobs import _matmul_fp32
+
+if TYPE_CHECKING:  # engine.generation imports this module; no import cycle at run time
+    from engine.generation.attention import AttentionBackend, AttentionMetadata
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# RoPE variants whose inv_freq does not depend on the sequence length ("dynamic" and "longrope" rescale it per call)
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's ``LlamaRMSNorm``: normalise ``x [..., C]`` over its last dim in float32, round to ``x.dtype``, multiply
+    by ``weight [C]``."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [N, heads, D]`` by ``cos, sin [N, D]`` (HF's rotate-half convention: dims ``i`` and ``i + D/2``
+    form a pair)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+
+def _linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def unsupported_reason(hf_model) -> str | None:
+    """Why ``LlamaFamilyModel`` cannot run ``hf_model``, or ``None`` when it can."""
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    max_pos = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    windowed = (model_type == "mistral" or getattr(config, "use_sliding_window", False)
+                or "sliding_attention" in (getattr(config, "layer_types", None) or ()))
+    if windowed and window is not None and window < max_pos:
+        return (f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos}) is not "
+                "supported")
+    base = getattr(hf_model, "model", None)
+    if base is None or hf_model.get_output_embeddings() is None:
+        return f"{type(hf_model).__name__} is not a *ForCausalLM with a .model and an LM head"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(base, name):
+            return f"{type(base).__name__} has no .{name}"
+    rope_type = getattr(base.rotary_emb, "rope_type", "default")
+    if rope_type not in _STATIC_ROPE_TYPES:
+        return f"rope_type {rope_type!r} is not supported (only {_STATIC_ROPE_TYPES})"
+    for i, layer in enumerate(base.layers):
+        for name in _LINEARS:
+            module = layer.get_submodule(name)
+            if type(module) is not nn.Linear:
+                return (f"layers.{i}.{name} is a {type(module).__name__}, not a plain nn.Linear (merge LoRA "
+                        "adapters / dequantize first)")
+    return None
+
+
+class LlamaFamilyModel:
+    """Paged-KV inference forward over an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
+    ``MistralForCausalLM`` (full attention), sharing its parameters (no copy).
+
+    Attributes: ``num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size, max_position_embeddings``
+    (from the config), ``dtype, device`` (of the live embedding weight), ``scale`` (softmax scale, the HF attention
+    module's ``scaling``: ``head_dim ** -0.5``), ``eps`` (``config.rms_norm_eps``).
+
+    Raises ``ValueError`` naming the reason when ``supports(hf_model)`` is false.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        reason = unsupported_reason(hf_model)
+        if reason is not None:
+            raise ValueError(f"LlamaFamilyModel cannot run this model: {reason}")
+        config = hf_model.config
+        self.hf_model = hf_model
+        self.config = config
+        base = hf_model.model
+        self._embed = base.embed_tokens
+        self._layers = list(base.layers)
+        self._norm = base.norm
+        self._rotary = base.rotary_emb
+        self.num_layers = len(self._layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        attn = self._layers[0].self_attn
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.max_position_embeddings = config.max_position_embeddings
+        self.eps = config.rms_norm_eps
+        self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+
+    @staticmethod
+    def supports(hf_model) -> bool:
+        """True when ``hf_model`` is a Llama-family causal LM this class runs exactly (see ``unsupported_reason``)."""
+        return unsupported_reason(hf_model) is None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._embed.weight.device
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [N]`` int64 -> ``cos, sin [N, D]`` in ``dtype``, computed in float32 as HF's rotary module does
+        (its own ``inv_freq`` buffer, so llama3/linear/yarn scaling match, times its ``attention_scaling``)."""
+        inv_freq = self._rotary.inv_freq.to(device=positions.device, dtype=torch.float32)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self._rotary.attention_scaling
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """One generator step over the packed new tokens of all sequences.
+
+        Args:
+            input_ids: ``[N]`` int64, the new tokens (sequence ``s`` owns rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``).
+            positions: ``[N]`` int64, each token's position in its sequence.
+            kv_caches: one ``(k_cache, v_cache)`` per layer, each ``[num_blocks, block_size, H_kv, D]``; this step's
+                K/V are written into them in place (by ``backend``).
+            meta: the step's ``AttentionMetadata``.
+            backend: the ``AttentionBackend`` that writes K/V and attends.
+
+        Returns: ``[N, hidden_size]`` hidden states after the final norm, in the model dtype (feed the rows whose
+        logits are needed to ``compute_logits``). Builds no autograd graph.
+        Raises ``ValueError`` when ``kv_caches`` does not have one entry per layer.
+        """
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model {self.num_layers} layers")
+        N, H, H_kv, D, eps = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        h = F.embedding(input_ids, self._embed.weight)
+        cos, sin = self.rope(positions, h.dtype)
+        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = rms_norm(h, layer.input_layernorm.weight, eps)
+            q = _linear(x, attn.q_proj).view(N, H, D)
+            k = _linear(x, attn.k_proj).view(N, H_kv, D)
+            v = _linear(x, attn.v_proj).view(N, H_kv, D)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
+                q = rms_norm(q, attn.q_norm.weight, eps)
+                k = rms_norm(k, attn.k_norm.weight, eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+            h = h + _linear(o.reshape(N, H * D), attn.o_proj)
+            x = rms_norm(h, layer.post_attention_layernorm.weight, eps)
+            h = h + _linear(mlp.act_fn(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj)
+        return rms_norm(h, self._norm.weight, eps)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [S, hidden_size]`` (any float dtype) -> ``[S, V]`` float32 logits of the LM head (tied or not, plus
+        its bias if any), accumulated in float32. For bf16/fp16 weights on the CPU both operands are upcast (a float32
+        copy of the ``[V, hidden]`` weight per call); on CUDA ``torch.mm(..., out_dtype=torch.float32)`` reads the
+        low-precision weight directly (``kernels.fused_linear_logprobs._matmul_fp32``)."""
+        head = self.hf_model.get_output_embeddings()
+        logits = _matmul_fp32(hidden, head.weight.t())
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias.float()
+        return logits

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile every Triton kernel of ``kernels/`` for an H100 (sm_90), without a GPU.
+"""Ahead-of-time compile every Triton kernel of ``kernels/`` and ``engine/generation/attention/`` for an H100
+(sm_90), without a GPU.
 
 The unit tests run the kernels in Triton's CPU interpreter, which never lowers them: loop-carried type mismatches,
 constexpr misuse, ops without a GPU lowering or int32/int64 pointer-offset mixing only fail when a kernel is compiled
@@ -14,7 +15,9 @@ cubin with ptxas) for ``GPUTarget("cuda", 90, 32)``, once per variant the launch
 
 Pointers carry ``tt.divisibility = 16`` (what a launch with freshly allocated tensors passes); other ints carry no
 divisibility hint (the generic code path). The variants are the table below, one ``*_variants`` builder per kernel
-module listed in ``BUILDERS``, each returning ``Variant`` rows: one row per ``triton.compile`` call. Every ``@triton.jit`` function of ``kernels/`` must either have a variant or be listed in
+module listed in ``BUILDERS``, each returning ``Variant`` rows: one row per ``triton.compile`` call. Every
+``@triton.jit`` function of the scanned packages (``PACKAGES``: ``kernels/``, and the generator's attention backends,
+whose kernels are named ``attention.<module>.<function>``) must either have a variant or be listed in
 ``DEVICE_FUNCTIONS`` (helpers inlined into the kernels), so a new kernel without a variant fails the check.
 
 Usage (TRITON_INTERPRET must be unset: under the interpreter ``triton.jit`` returns interpreter functions; this
@@ -73,7 +76,8 @@ DEVICE_FUNCTIONS = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One ``triton.compile`` call: ``kernel`` is ``"module.function"`` under ``kernels``; ``sig`` types every runtime
+    """One ``triton.compile`` call: ``kernel`` is ``"module.function"`` under ``kernels`` (or
+    ``"attention.module.function"``, see ``PACKAGES``); ``sig`` types every runtime
     argument (``"*bf16"`` pointer, ``"i32"``, ``"i64"``, ``"fp32"``); ``const`` gives every constexpr argument and
     every int argument specialised to the constant 1."""
 
@@ -379,27 +383,96 @@ def reward_variants(V) -> list[Variant]:
     return rows
 
 
+def attention_variants(V) -> list[Variant]:
+    """The paged flash-decoding kernels of ``engine/generation/attention/triton_backend.py``, with the tiles its
+    launcher picks (``decode_tiles``) for the GQA groups and head dims of common checkpoints."""
+    tb = V.attention.triton_backend
+    rows = []
+    # (G = H / H_kv, head dim, block size, q dtype, cache dtype, HAS_SPLITS): G == 1 is a constexpr at launch (MHA);
+    # G < 4 takes the broadcast path, G >= 4 tl.dot; 7 is Qwen2.5-7B (28 / 4), 32 takes two programs per kv head; head
+    # dim 80 pads to 128; block sizes 1 and 3 gather one token per block and a non-power-of-two block.
+    cases = [
+        (1, 128, 16, "bf16", "bf16", True), (1, 128, 16, "bf16", "bf16", False), (1, 64, 3, "fp32", "fp32", True),
+        (1, 256, 16, "fp16", "fp16", True), (2, 128, 16, "bf16", "bf16", True), (2, 64, 32, "fp16", "fp16", False),
+        (3, 16, 16, "fp32", "fp32", True), (4, 128, 16, "fp16", "fp16", False), (4, 128, 16, "bf16", "bf16", True),
+        (7, 128, 1, "bf16", "bf16", True), (8, 256, 256, "bf16", "bf16", True), (8, 80, 16, "fp32", "bf16", True),
+        (16, 128, 16, "fp16", "fp16", False), (16, 64, 16, "fp32", "fp32", True), (6, 256, 16, "fp32", "fp32", True),
+        (32, 128, 16, "fp32", "bf16", True),
+    ]
+    torch_dtype = {"fp32": V.torch.float32, "bf16": V.torch.bfloat16, "fp16": V.torch.float16}
+    for G, D, bs, q_dt, c_dt, splits in cases:
+        t = tb.decode_tiles(G, D, torch_dtype[c_dt], interpret=False)
+        o_dt, lse_dt = ("fp32", "fp32") if splits else (q_dt, q_dt)  # one split: the output doubles as both
+        sig = {"O": p(o_dt), "LSE": p(lse_dt), "Q": p(q_dt), "K_CACHE": p(c_dt), "V_CACHE": p(c_dt),
+               "BLOCK_TABLES": "*i32", "CONTEXT_LENS": "*i32", "scale_log2": "fp32", "D": "i32", "split_len": "i32",
+               "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32", "stride_kh": "i32",
+               "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_bts": "i32",
+               "stride_os": "i32", "stride_oh": "i32", "stride_oc": "i32", "stride_ls": "i32", "stride_lh": "i32"}
+        const = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "BLOCK_SIZE": bs,
+                 "BLOCK_N": t.block_n, "BLOCK_H": t.block_h, "BLOCK_D": t.block_d, "IS_DOT": t.is_dot,
+                 "IS_DOT_F32": c_dt == "fp32", "HAS_SPLITS": splits}
+        for arg, val in (("G", G), ("n_hblocks", -(-G // t.block_h))):  # 1 is a constexpr at launch
+            (const if val == 1 else sig)[arg] = val if val == 1 else "i32"
+        rows.append(Variant("attention.triton_backend._paged_decode_split_kernel",
+                            f"G={G} D={D} block={bs} q={q_dt} cache={c_dt} splits={splits} dot={t.is_dot} "
+                            f"BLOCK_H={t.block_h} BLOCK_N={t.block_n}", sig, const, num_warps=t.num_warps))
+    for D, dt in [(128, "bf16"), (64, "fp16"), (256, "fp32"), (80, "bf16")]:
+        block_d = max(16, V.triton.next_power_of_2(D))
+        sig = {"OUT": p(dt), "O_PART": "*fp32", "LSE_PART": "*fp32", "CONTEXT_LENS": "*i32", "D": "i32",
+               "split_len": "i32", "stride_outs": "i32", "stride_outh": "i32", "stride_ps": "i32", "stride_ph": "i32",
+               "stride_pc": "i32", "stride_ls": "i32", "stride_lh": "i32"}
+        rows.append(Variant("attention.triton_backend._paged_decode_reduce_kernel", f"D={D} out={dt}", sig,
+                            {"stride_outd": 1, "BLOCK_D": block_d}, num_warps=1 if block_d <= 64 else 2))
+    return rows
+
+
 BUILDERS = (kl_variants, logprobs_variants, loss_agg_variants, ppo_variants, value_variants, gae_variants,
-            advantages_variants, dpo_variants, reward_variants)
+            advantages_variants, dpo_variants, reward_variants, attention_variants)
 
 
 # ------------------------------------------------------------------------------------------------------- machinery
-def kernel_modules() -> list[str]:
-    """Every module of the ``kernels`` package (``kl``, ``logprobs``, ...): all are scanned for @triton.jit."""
-    import kernels
+# The packages scanned for @triton.jit, by the prefix of their kernels' names: ``kl._kl_penalty_fwd_kernel`` lives in
+# ``kernels.kl``, ``attention.triton_backend._paged_decode_split_kernel`` in
+# ``engine.generation.attention.triton_backend``.
+PACKAGES = {"": "kernels", "attention": "engine.generation.attention"}
 
-    return sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
+
+def module_path(name: str) -> str:
+    """``"kl"`` -> ``"kernels.kl"``, ``"attention.triton_backend"`` -> ``"engine.generation.attention.triton_backend"``
+    (the module of a kernel named ``<name>.<function>``)."""
+    prefix, _, mod = name.rpartition(".")
+    return f"{PACKAGES[prefix]}.{mod}"
+
+
+def kernel_modules() -> list[str]:
+    """Every module of the scanned packages (``kl``, ``logprobs``, ..., ``attention.triton_backend``), by short name."""
+    names = []
+    for prefix, package in PACKAGES.items():
+        pkg = importlib.import_module(package)
+        names += [f"{prefix}.{m.name}" if prefix else m.name for m in pkgutil.iter_modules(pkg.__path__)]
+    return sorted(names)
 
 
 class _Modules:
-    """``V.kl``, ``V.logprobs``, ...: the kernel modules, for launcher constants and helpers (block sizes)."""
+    """``V.kl``, ``V.logprobs``, ``V.attention.triton_backend``, ...: the kernel modules, for launcher constants and
+    helpers (block sizes)."""
 
     def __init__(self):
+        from types import SimpleNamespace
+
+        import torch
         import triton
 
+        self.torch = torch
         self.triton = triton
         for name in kernel_modules():
-            setattr(self, name, importlib.import_module(f"kernels.{name}"))
+            *parents, leaf = name.split(".")
+            ns = self
+            for part in parents:
+                if not hasattr(ns, part):
+                    setattr(ns, part, SimpleNamespace())
+                ns = getattr(ns, part)
+            setattr(ns, leaf, importlib.import_module(module_path(name)))
 
 
 def build_variants() -> list[Variant]:
@@ -408,8 +481,8 @@ def build_variants() -> list[Variant]:
 
 
 def resolve(kernel: str):
-    module, fn = kernel.split(".")
-    return getattr(importlib.import_module(f"kernels.{module}"), fn)
+    module, fn = kernel.rsplit(".", 1)
+    return getattr(importlib.import_module(module_path(module)), fn)
 
 
 def full_signature(v: Variant, fn) -> tuple[dict, dict]:
@@ -430,7 +503,8 @@ def full_signature(v: Variant, fn) -> tuple[dict, dict]:
 
 
 def check_table(variants: list[Variant]) -> list[str]:
-    """Table errors: bad rows, and @triton.jit functions of kernels/ with no variant that are not device functions."""
+    """Table errors: bad rows, and @triton.jit functions of the scanned packages with no variant that are not device
+    functions."""
     from triton.runtime.jit import JITFunction
 
     errors = []
@@ -441,12 +515,12 @@ def check_table(variants: list[Variant]) -> list[str]:
             errors.append(str(exc))
     covered = {v.kernel for v in variants}
     for name in kernel_modules():
-        mod = importlib.import_module(f"kernels.{name}")
+        mod = importlib.import_module(module_path(name))
         for attr, obj in vars(mod).items():
             key = f"{name}.{attr}"
             if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ and key not in covered \
                     and key not in DEVICE_FUNCTIONS:
-                errors.append(f"kernels/{name}.py: @triton.jit {attr} has no variant in tests/gpu_compile_check.py "
+                errors.append(f"{mod.__file__}: @triton.jit {attr} has no variant in tests/gpu_compile_check.py "
                               f"(add one, or list it in DEVICE_FUNCTIONS if it is only called from kernels)")
     return errors
 
@@ -524,7 +598,7 @@ def main(argv=None) -> int:
     variants = build_variants()
     errors = check_table(variants)
     if errors:
-        print("variant table is inconsistent with kernels/:", *errors, sep="\n  ")
+        print("variant table is inconsistent with the kernels:", *errors, sep="\n  ")
         return TABLE_RC
     variants = [v for v in variants if args.filter in v.label]
     if args.list:

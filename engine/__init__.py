@@ -10,3 +10,19 @@ if not getattr(_kernels, "__rlhf_engine_kernels__", False):  # pragma: no cover 
     )
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Generator": "engine.generation.generator",
+    "SamplingParams": "engine.generation.sampling_params",
+    "RequestOutput": "engine.generation.outputs",
+    "CompletionOutput": "engine.generation.outputs",
+}
+
+
+def __getattr__(name: str):
+    """``from engine import Generator, SamplingParams`` without importing transformers on ``import engine``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -23,6 +23,22 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
 
 
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention with grouped K/V heads (GQA) without repeating K/V: ``q [B, Q, H, D]``, ``k, v [B, L, H_kv, D]``,
+    ``mask [B, Q, L]`` bool (True = attend) -> ``[B, Q, H, D]`` in q's dtype.
+
+    The ``G = H / H_kv`` query heads that share a K/V head become ``G`` extra query rows of that head, so SDPA sees
+    ``[B, H_kv, Q*G, D]`` against ``[B, H_kv, L, D]``."""
+    B, Q, H, D = q.shape
+    L, H_kv = k.shape[1], k.shape[2]
+    G = H // H_kv
+    qg = q.reshape(B, Q, H_kv, G, D).permute(0, 2, 1, 3, 4).reshape(B, H_kv, Q * G, D)
+    m = mask[:, None, :, None, :].expand(B, 1, Q, G, L).reshape(B, 1, Q * G, L)
+    o = F.scaled_dot_product_attention(qg, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                                       attn_mask=m, scale=scale)
+    return o.reshape(B, H_kv, Q, G, D).permute(0, 2, 1, 3, 4).reshape(B, Q, H, D)
+
+
 class TorchAttention(AttentionBackend):
     """SDPA over gathered paged K/V; see the module docstring."""
 
@@ -41,19 +57,9 @@ class TorchAttention(AttentionBackend):
             # new token i sits at position ctx - q_len + i and sees positions <= it
             rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
             mask = torch.arange(ctx, device=q.device)[None, :] <= rows
-            out[start:start + q_len] = self._sdpa(qs, ks, vs, mask, scale)
+            out[start:start + q_len] = grouped_sdpa(qs[None], ks[None], vs[None], mask[None], scale)[0]
             start += q_len
         return out
-
-    @staticmethod
-    def _sdpa(q, k, v, mask, scale):
-        """``q [Q, H, D]``, ``k, v [L, H_kv, D]``, ``mask [Q, L]`` bool -> ``[Q, H, D]``."""
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
-                                           v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale)
-        return o.transpose(0, 1)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
@@ -65,9 +71,5 @@ class TorchAttention(AttentionBackend):
         table = meta.block_tables[:, :n_blocks].long()
         k = k_cache[table].reshape(S, n_blocks * block_size, H_kv, D)[:, :L]
         v = v_cache[table].reshape(S, n_blocks * block_size, H_kv, D)[:, :L]
-        groups = H // H_kv
-        k = k.repeat_interleave(groups, dim=2).permute(0, 2, 1, 3).to(q.dtype)  # [S, H, L, D]
-        v = v.repeat_interleave(groups, dim=2).permute(0, 2, 1, 3).to(q.dtype)
         mask = torch.arange(L, device=q.device)[None, :] < meta.context_lens[:, None]  # [S, L]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
-        return o[:, :, 0, :]
+        return grouped_sdpa(q[:, None], k, v, mask[:, None, :], scale)[:, 0]

@@ -1,0 +1,81 @@
+"""Turning token lists into padded tensors, and the policy's log-probs of response tokens through the fused LM head.
+
+Layout: each row is ``prompt + response`` right-padded to ``L``; the response token ``t`` of row ``b`` sits at
+position ``prompt_len[b] + t`` and is predicted by the hidden state at the position before it. Log-probs are computed
+only at response positions, with ``kernels.fused_linear_logprobs`` (the ``[N, V]`` logits never exist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels as K
+
+
+@dataclass
+class TokenBatch:
+    """``B`` rows of prompt + response, right-padded.
+
+    input_ids ``[B, L]`` int64; attention_mask ``[B, L]`` int64; response_index ``[B, T]`` int64 (position of the
+    hidden state that predicts response token t; 0 where padded); labels ``[B, T]`` int64 (the response tokens, -100
+    where padded); response_mask ``[B, T]`` bool."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_index: torch.Tensor
+    labels: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens in the batch (host-side count)."""
+        return int(self.response_mask.sum())
+
+    def rows(self, sl: slice) -> TokenBatch:
+        """The micro-batch of rows ``sl`` (views, trimmed to its own longest row)."""
+        return TokenBatch(*(t[sl] for t in (self.input_ids, self.attention_mask, self.response_index, self.labels,
+                                             self.response_mask)))
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> TokenBatch:
+    """Pad ``prompts[b] + responses[b]`` into a ``TokenBatch``. Raises ``ValueError`` on an empty prompt or length
+    mismatch."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must pair up, got {len(prompts)} and {len(responses)}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the first response token is predicted from it)")
+    B = len(prompts)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max((len(r) for r in responses), default=0)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    index = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        input_ids[b, :n] = torch.tensor(p + r)
+        attention[b, :n] = 1
+        index[b, :len(r)] = torch.arange(len(p) - 1, n - 1)
+        labels[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return TokenBatch(input_ids.to(device), attention.to(device), index.to(device), labels.to(device),
+                      (labels != -100).to(device))
+
+
+def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probs ``[B, T]`` float32 of the response tokens under ``model`` (a HF causal LM), 0 where padded; with
+    ``return_entropy`` also the entropy ``[B, T]``. Differentiable in the model's parameters.
+
+    Runs the decoder body (``model.model``), gathers the hidden states at response positions and applies the LM head
+    with ``kernels.fused_linear_logprobs`` (logits divided by ``temperature``, the rollout's sampling temperature)."""
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    B, T = batch.labels.shape
+    H = hidden.shape[-1]
+    picked = hidden.gather(1, batch.response_index[..., None].expand(B, T, H)).reshape(B * T, H)
+    head = model.get_output_embeddings()
+    out = K.fused_linear_logprobs(picked, head.weight.to(picked.dtype), batch.labels.reshape(-1),
+                                  bias=head.bias, temperature=temperature, return_entropy=return_entropy)
+    if return_entropy:
+        return out[0].reshape(B, T), out[1].reshape(B, T)
+    return out.reshape(B, T)

@@ -1,0 +1,103 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024): group-normalised outcome advantages and the clipped policy loss, with TRL/veRL
+options (clip-higher, KL to a reference, loss aggregation, Dr. GRPO without std normalisation, truncated IS
+correction of rollout/trainer mismatch). All loss math goes through ``kernels`` (one copy of it)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import kernels as K
+from engine.algorithms.batching import TokenBatch, response_logprobs
+
+
+@dataclass
+class PolicyUpdateResult:
+    """What one policy update did: ``stepped`` False when the step was skipped (non-finite loss or gradient)."""
+
+    metrics: dict[str, float]
+    stepped: bool
+
+
+def compute_advantages(scores: torch.Tensor, num_generations: int, *, norm_by_std: bool = True,
+                       unbiased_std: bool = True, epsilon: float = 1e-6) -> torch.Tensor:
+    """``[B]`` float32 GRPO advantages of ``scores [B]`` (rows ``g*G .. g*G+G-1`` are group g), via
+    ``kernels.group_advantages``."""
+    return K.group_advantages(scores.float(), num_generations, estimator="grpo", norm_by_std=norm_by_std,
+                              unbiased_std=unbiased_std, epsilon=epsilon)
+
+
+def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, level: str,
+                       cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(pi_old / pi_rollout, cap)`` per token (``level="token"``) or per sequence
+    (geometric mean over the response, ``"sequence"``): the TIS correction of TRL/veRL for a rollout engine whose
+    log-probs differ from the trainer's. Returns ``[B, T]`` or ``[B]``, no gradient."""
+    log_ratio = (old_logprobs - rollout_logprobs).detach() * mask
+    if level == "token":
+        return log_ratio.exp().clamp(max=cap)
+    per_seq = log_ratio.sum(-1) / mask.sum(-1).clamp_min(1)
+    return per_seq.exp().clamp(max=cap)
+
+
+def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                  ref_logprobs: torch.Tensor | None, cfg, temperature: float, max_grad_norm: float,
+                  rollout_logprobs: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None
+                  ) -> PolicyUpdateResult:
+    """One optimizer step of the GRPO loss on ``batch`` (``B`` samples), accumulated over micro-batches.
+
+    The loss of each micro-batch is normalised by the whole batch's token (or sequence) count, so the summed gradient
+    equals the full-batch gradient (``kernels.loss_agg``). A non-finite loss or gradient norm skips the optimizer step
+    (``stepped=False``); the gradients are zeroed either way. ``cfg`` is a ``GRPOConfig``. Metrics use TRL/veRL names.
+    """
+    B, T = batch.labels.shape
+    mask = batch.response_mask
+    isw = None
+    if cfg.rollout_is and rollout_logprobs is not None:
+        isw = rollout_is_weights(old_logprobs, rollout_logprobs, mask.float(), cfg.rollout_is, cfg.rollout_is_cap)
+    n_tok = max(batch.num_tokens, 1)
+    sums: dict[str, float] = {}
+    entropy_sum = 0.0
+    finite = True
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, B, cfg.micro_batch_size):
+        rows = slice(start, min(start + cfg.micro_batch_size, B))
+        mb = batch.rows(rows)
+        with torch.autocast(device_type=mb.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            logprobs, entropy = response_logprobs(policy, mb, temperature=temperature, return_entropy=True)
+        loss, metrics = K.grpo_loss(
+            logprobs, old_logprobs[rows], advantages[rows], mb.response_mask,
+            clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, loss_agg_mode=cfg.loss_agg_mode,
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows], kl_coef=cfg.kl_coef,
+            kl_estimator=cfg.kl_estimator, rollout_is_weights=None if isw is None else isw[rows],
+            global_num_tokens=n_tok, global_num_seqs=B, loss_scale_factor=T,
+        )
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        loss.backward()
+        share = mb.num_tokens / n_tok  # metrics are token means: weight each micro-batch by its tokens
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * (share if name != "pg_loss" else 1.0)
+        entropy_sum += float((entropy.detach() * mb.response_mask).sum())
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
+    stepped = finite and math.isfinite(float(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {
+        "loss": sums.get("loss", float("nan")),
+        "pg_loss": sums.get("pg_loss", float("nan")),
+        "kl": sums.get("kl", 0.0),
+        "entropy": entropy_sum / n_tok,
+        "clip_ratio/low_mean": sums.get("clip_ratio/low_mean", 0.0),
+        "clip_ratio/high_mean": sums.get("clip_ratio/high_mean", 0.0),
+        "clip_ratio/region_mean": sums.get("pg_clipfrac", 0.0),
+        "ppo_kl": sums.get("ppo_kl", 0.0),
+        "grad_norm": float(grad_norm),
+    }
+    return PolicyUpdateResult(out, stepped)

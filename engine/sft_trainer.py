@@ -1,0 +1,67 @@
+"""Supervised fine-tuning (the cold start of the R1 recipe): prompt -> target completion (+ EOS), loss on the
+completion tokens only, with the loop, logging, evaluation and checkpoints of ``BaseTrainer``."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from engine.algorithms import make_batch, sft_loss
+from engine.generation import Generator
+from engine.trainer import BaseTrainer
+
+
+class SFTTrainer(BaseTrainer):
+    """SFT on the examples' ``completion`` column (``cfg``: an ``SFTRunConfig``). Steps: ``sft.max_steps``, else
+    ``sft.epochs`` passes over the data at ``sft.batch_size`` examples per optimizer step."""
+
+    kind = "sft"
+
+    def __init__(self, cfg, *, model=None, tokenizer=None):
+        super().__init__(cfg, model=model, tokenizer=tokenizer)
+        missing = sum(e.completion is None for e in self.train_examples)
+        if missing:
+            raise ValueError(f"{missing} of {len(self.train_examples)} training records have no completion "
+                             "(a 'completion' column, or GSM8K's worked answer) to fine-tune on")
+        self.targets = {id(e): self.tokenizer.encode(e.completion, add_special_tokens=False)
+                        + [self.tokenizer.eos_token_id] for e in self.train_examples}
+        self.generator = Generator(self.model, self.tokenizer, attention_backend=None)
+        self.eval_max_tokens = max(len(t) for t in self.targets.values()) + 8
+
+    @property
+    def total_steps(self) -> int:
+        s = self.cfg.sft
+        return s.max_steps or s.epochs * math.ceil(len(self.train_examples) / s.batch_size)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        s = self.cfg.sft
+        t0 = time.perf_counter()
+        examples = self.next_examples(s.batch_size)
+        batch = make_batch([e.prompt_ids for e in examples], [self.targets[id(e)] for e in examples],
+                           self.tokenizer.pad_token_id or 0, self.device)
+        n_tok = max(batch.num_tokens, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, finite = 0.0, True
+        for start in range(0, len(examples), s.micro_batch_size):
+            mb = batch.rows(slice(start, start + s.micro_batch_size))
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None):
+                loss = sft_loss(self.model, mb, num_tokens=n_tok)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total += loss.item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if finite \
+            else float("nan")
+        stepped = finite and math.isfinite(grad_norm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": total if finite else float("nan"), "grad_norm": grad_norm,
+                   "perf/tokens_per_sec": n_tok / max(time.perf_counter() - t0, 1e-9)}
+        self.record_step_outcome(stepped, metrics)
+        return metrics

@@ -1,0 +1,90 @@
+"""From a ``DataConfig`` to tokenized training/evaluation examples: the built-in arithmetic task or a dataset
+(GSM8K-style ``question``/``answer`` rows are recognised), prompt templates, and SFT target completions.
+
+Sources (``data.train``): ``builtin:arithmetic[:DIGITS[:OPS]]`` (e.g. ``builtin:arithmetic:3:+-``), or anything
+``engine.data.load_records`` reads (a .jsonl/.json/.parquet file, a directory with ``<split>.jsonl``, a HF dataset
+name). ``data.eval``: a source for held-out prompts; default: the ``test`` split of a directory source, the disjoint
+held-out problems of the built-in task, else the last ``num_eval`` training rows (taken out of training).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.data import RAW_TEMPLATE, arithmetic_sft_completion, arithmetic_splits, format_prompt, load_records
+from engine.data.gsm8k import to_prompt_record
+
+_BUILTIN = re.compile(r"^builtin:arithmetic(?::(\d+))?(?::([+\-*]+))?$")
+_GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
+
+
+@dataclass
+class Example:
+    """One prompt: its text, token ids, the raw record (columns for the reward functions) and, for SFT, the target
+    completion text (None when the source has none)."""
+
+    record: dict
+    prompt_text: str
+    prompt_ids: list[int]
+    completion: str | None
+
+
+def _sft_completion(record: dict) -> str | None:
+    if "completion" in record:
+        return str(record["completion"])
+    if "solution" in record and "answer" in record:  # GSM8K: reasoning then "#### N", rewritten in R1 format
+        reasoning = _GSM8K_FINAL.sub("", str(record["solution"])).strip()
+        return f"<think>{reasoning}</think><answer>{record['answer']}</answer>"
+    return None
+
+
+def _normalise(rows: list[dict], prompt_field: str, answer_field: str) -> list[dict]:
+    out = []
+    for row in rows:
+        if "question" in row and "####" in str(row.get("answer", "")):  # GSM8K
+            row = {**to_prompt_record(row), "solution": row["answer"]}
+        if prompt_field not in row:
+            raise ValueError(f"data records need a {prompt_field!r} column (data.prompt_field); got {sorted(row)}")
+        out.append({**row, "prompt": row[prompt_field], "answer": row.get(answer_field)})
+    return out
+
+
+def load_task(data, *, limit_train: int | None = None) -> tuple[list[dict], list[dict], bool]:
+    """``(train_records, eval_records, builtin)`` for ``data`` (a ``DataConfig``); records have ``prompt`` and
+    ``answer`` (and ``completion`` for the built-in task)."""
+    m = _BUILTIN.match(data.train)
+    if m:
+        digits, ops = int(m.group(1) or 3), m.group(2) or "+-"
+        train, held_out = arithmetic_splits(limit_train or 20000, data.num_eval, seed=data.seed, digits=digits,
+                                            ops=ops)
+        for r in train + held_out:
+            r["completion"] = arithmetic_sft_completion(r)
+        return train, held_out, True
+    train = _normalise(load_records(data.train, split="train", limit=limit_train), data.prompt_field,
+                       data.answer_field)
+    if data.eval:
+        held_out = _normalise(load_records(data.eval, split="test", limit=data.num_eval), data.prompt_field,
+                              data.answer_field)
+    elif Path(data.train).is_dir():
+        held_out = _normalise(load_records(data.train, split="test", limit=data.num_eval), data.prompt_field,
+                              data.answer_field)
+    else:
+        held_out, train = train[-data.num_eval:], train[:-data.num_eval]
+    return train, held_out, False
+
+
+def tokenize(records: list[dict], tokenizer, data, *, builtin: bool) -> tuple[list[Example], int]:
+    """Render and tokenize every prompt; drops (and counts) prompts longer than ``data.max_prompt_tokens``."""
+    template = RAW_TEMPLATE if builtin and data.template is None else data.template
+    examples, dropped = [], 0
+    for r in records:
+        text = format_prompt(tokenizer, r["prompt"], system=data.system_prompt, template=template)
+        chat = template is None and bool(getattr(tokenizer, "chat_template", None))
+        ids = tokenizer.encode(text, add_special_tokens=not chat and not builtin)
+        if len(ids) > data.max_prompt_tokens:
+            dropped += 1
+            continue
+        examples.append(Example(r, text, ids, _sft_completion(r)))
+    return examples, dropped

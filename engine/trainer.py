@@ -1,0 +1,281 @@
+"""The lean training loop. ``GRPOTrainer.step`` reads as its phases:
+
+    rollout (the Generator, on the policy's own weights) -> rewards -> advantages -> policy update -> metrics
+
+and the loop around it logs, evaluates, checkpoints (atomically; ``trainer.resume=auto`` continues exactly), skips
+non-finite steps (stopping after ``max_consecutive_nonfinite`` in a row) and checkpoints on Ctrl-C. ``BaseTrainer``
+holds what SFT and GRPO share; ``engine.sft_trainer.SFTTrainer`` is the cold start.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.algorithms import compute_advantages, make_batch, policy_update, response_logprobs
+from engine.checkpoint import capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint
+from engine.config import save_config
+from engine.data import char_tokenizer
+from engine.evaluation import evaluate_accuracy
+from engine.generation import Generator, SamplingParams
+from engine.metrics import MetricsLogger
+from engine.models import load_policy, tiny_model
+from engine.optim import make_optimizer, make_scheduler
+from engine.rewards import compute_rewards, load_reward, reward_name
+from engine.tasks import load_task, tokenize
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when ``trainer.max_consecutive_nonfinite`` steps in a row had a non-finite loss or gradient norm."""
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def build_policy(model_cfg, device: torch.device, *, builtin_task: bool, seed: int = 0):
+    """``(model, tokenizer)``: a checkpoint (``model.path``) or a tiny random model of ``model.arch`` with the
+    character tokenizer of the built-in task (or a BPE-free byte vocabulary otherwise)."""
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[model_cfg.dtype]
+    if model_cfg.path:
+        model, tokenizer = load_policy(model_cfg.path, dtype=dtype, device=device)
+        if tokenizer is None:
+            raise ValueError(f"model.path={model_cfg.path} has no tokenizer; training needs one")
+    else:
+        tokenizer = char_tokenizer() if builtin_task or model_cfg.tokenizer is None else None
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer, local_files_only=True)
+        overrides = dict(model_cfg.tiny_overrides)
+        model = tiny_model(model_cfg.arch, preset=model_cfg.preset, vocab_size=len(tokenizer), dtype=dtype,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id, seed=seed, **overrides).to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class BaseTrainer:
+    """Model, tokenizer, data, optimizer, schedule, run directory, metrics and checkpoints; subclasses define
+    ``total_steps`` and ``train_step(step) -> metrics``."""
+
+    kind = "base"
+
+    def __init__(self, cfg, *, model=None, tokenizer=None):
+        self.cfg = cfg
+        t = cfg.trainer
+        seed_everything(t.seed)
+        self.device = resolve_device(t.device)
+        self.run_dir = Path(t.output_dir)
+        self.train_records, self.eval_records, builtin = load_task(cfg.data)
+        if model is None:
+            model, tokenizer = build_policy(cfg.model, self.device, builtin_task=builtin, seed=t.seed)
+        self.model, self.tokenizer = model.train(), tokenizer
+        self.train_examples, dropped = tokenize(self.train_records, tokenizer, cfg.data, builtin=builtin)
+        self.eval_examples, _ = tokenize(self.eval_records, tokenizer, cfg.data, builtin=builtin)
+        if not self.train_examples:
+            raise ValueError(f"no training prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+                             f"({dropped} dropped)")
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        resume = resolve_resume(t.resume, self.run_dir)
+        if resume is not None:
+            loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.state.update(loaded["trainer_state"])
+            restore_rng_state(loaded["rng_state"])
+            print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.trainer.max_steps
+
+    # ------------------------------------------------------------------------------------------------------ data
+    def next_examples(self, count: int) -> list:
+        """The next ``count`` training examples in a per-epoch shuffled order that depends only on (seed, epoch), so
+        a resumed run draws the same prompts."""
+        out = []
+        while len(out) < count:
+            order = torch.randperm(len(self.train_examples),
+                                   generator=torch.Generator().manual_seed(self.cfg.trainer.seed * 1000003
+                                                                           + self.state["epoch"])).tolist()
+            take = order[self.state["position"]:self.state["position"] + count - len(out)]
+            out.extend(self.train_examples[i] for i in take)
+            self.state["position"] += len(take)
+            if self.state["position"] >= len(order):
+                self.state["epoch"] += 1
+                self.state["position"] = 0
+        return out
+
+    # ------------------------------------------------------------------------------------------------------ loop
+    def train_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_accuracy(self.generator, self.tokenizer, self.eval_examples,
+                                 max_tokens=self.eval_max_tokens)
+
+    def save(self) -> Path:
+        t = self.cfg.trainer
+        return save_checkpoint(self.run_dir, self.state["step"], model=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, scheduler=self.scheduler, rng_state=capture_rng_state(),
+                               trainer_state=dict(self.state), keep_last=t.keep_last)
+
+    def record_step_outcome(self, stepped: bool, metrics: dict) -> None:
+        """Count skipped (non-finite) steps; raise ``NonFiniteLossError`` after too many in a row."""
+        if stepped:
+            self.scheduler.step()
+            self.state["nonfinite_in_a_row"] = 0
+            return
+        self.state["nonfinite_in_a_row"] += 1
+        self.state["skipped_steps"] += 1
+        print(f"[rlhf-engine] step {self.state['step']}: non-finite loss or gradient norm "
+              f"({metrics.get('loss')}, {metrics.get('grad_norm')}): optimizer step skipped")
+        if self.state["nonfinite_in_a_row"] >= self.cfg.trainer.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.state['nonfinite_in_a_row']} non-finite steps in a row (trainer.max_consecutive_nonfinite="
+                f"{self.cfg.trainer.max_consecutive_nonfinite}); lower optim.lr or check the data")
+
+    def train(self) -> dict[str, float]:
+        """Run from the current step to ``total_steps``; returns the last metrics (with the final evaluation)."""
+        t = self.cfg.trainer
+        logger = MetricsLogger(self.run_dir, progress_total=self.total_steps if t.progress_bar else None,
+                               start_step=self.state["step"], tensorboard=t.tensorboard, wandb=t.wandb)
+        metrics: dict[str, float] = {}
+        try:
+            if self.state["step"] == 0 and self.eval_examples and t.eval_every:
+                logger.log(0, self.evaluate())
+            while self.state["step"] < self.total_steps:
+                metrics = self.train_step(self.state["step"])
+                self.state["step"] += 1
+                step = self.state["step"]
+                metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+                metrics["skipped_steps"] = self.state["skipped_steps"]
+                if t.eval_every and (step % t.eval_every == 0 or step == self.total_steps) and self.eval_examples:
+                    metrics.update(self.evaluate())
+                if step % t.log_every == 0 or step == self.total_steps:
+                    logger.log(step, metrics)
+                if t.save_every and step % t.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            print(f"\n[rlhf-engine] interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
+            raise
+        finally:
+            logger.close()
+        self.save()
+        return metrics
+
+
+class GRPOTrainer(BaseTrainer):
+    """GRPO with rule-based rewards on the policy's own rollouts (``cfg``: a ``GRPORunConfig``)."""
+
+    kind = "grpo"
+
+    def __init__(self, cfg, *, model=None, tokenizer=None):
+        super().__init__(cfg, model=model, tokenizer=tokenizer)
+        g = cfg.generation
+        self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
+                                   attention_backend=g.attention_backend,
+                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
+        self.eval_max_tokens = g.max_tokens
+        self.reward_fns = [load_reward(spec) for spec in cfg.grpo.rewards]
+        self.ref_model = None
+        if cfg.grpo.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def rollout(self, examples: list, step: int) -> tuple[list, list]:
+        """Sample ``num_generations`` completions per prompt; returns (examples repeated per sample, completions)."""
+        g, G = self.cfg.generation, self.cfg.grpo.num_generations
+        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
+        params = [SamplingParams(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                 max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
+        self.model.eval()
+        outs = self.generator.generate([e.prompt_ids for e in examples], params)
+        self.model.train()
+        per_sample = [e for e in examples for _ in range(G)]
+        completions = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+        return per_sample, completions
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        examples, completions = self.rollout(self.next_examples(cfg.grpo.prompts_per_step), step)
+        t_gen = time.perf_counter() - t0
+
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        columns = {k: [e.record.get(k) for e in examples] for k in examples[0].record if k != "prompt"}
+        totals, per_fn = compute_rewards(self.reward_fns, cfg.grpo.reward_weights,
+                                         [e.record["prompt"] for e in examples], texts, columns)
+        scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
+        advantages = compute_advantages(scores, cfg.grpo.num_generations, norm_by_std=cfg.grpo.norm_adv_by_std,
+                                        unbiased_std=cfg.grpo.unbiased_std, epsilon=cfg.grpo.epsilon)
+
+        t1 = time.perf_counter()
+        batch = make_batch([e.prompt_ids for e in examples], [c.token_ids for c in completions],
+                           self.tokenizer.pad_token_id or 0, self.device)
+        rollout_lp = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
+        for b, c in enumerate(completions):
+            rollout_lp[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        old_lp, ref_lp = self._old_and_ref_logprobs(batch, rollout_lp)
+        result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
+                               cfg=cfg.grpo, temperature=cfg.generation.temperature,
+                               max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
+                               autocast_dtype=self.autocast)
+        t_update = time.perf_counter() - t1
+        self.record_step_outcome(result.stepped, result.metrics)
+
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        group_std = scores.view(-1, cfg.grpo.num_generations).std(-1)
+        metrics = {
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+            **{f"rewards/{name}/mean": _nanmean(vals) for name, vals in per_fn.items()},
+            "completions/mean_length": lengths.mean().item(),
+            "completions/clipped_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            **result.metrics,
+            "perf/tokens_per_sec": float(lengths.sum()) / max(t_gen + t_update, 1e-9),
+            "perf/time/generate": t_gen,
+            "perf/time/update": t_update,
+        }
+        mask = batch.response_mask
+        diff = (old_lp - rollout_lp).abs() * mask
+        metrics["sampling/logp_diff_mean"] = (diff.sum() / mask.sum().clamp_min(1)).item()
+        metrics["sampling/logp_diff_max"] = diff.max().item() if diff.numel() else 0.0
+        return metrics
+
+    @torch.no_grad()
+    def _old_and_ref_logprobs(self, batch, rollout_lp):
+        """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
+        them those of another distribution, then the trainer's; always recomputed with the trainer's forward when a
+        rollout-IS correction is asked for. Reference log-probs when ``kl_coef > 0``."""
+        g = self.cfg.generation
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            recompute = g.top_p < 1.0 or g.top_k > 0 or self.cfg.grpo.rollout_is is not None
+            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
+            ref = None
+            if self.ref_model is not None:
+                ref = response_logprobs(self.ref_model, batch, temperature=g.temperature)
+        return old.float() * batch.response_mask, None if ref is None else ref.float()
+
+
+def _nanmean(values: list) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")

@@ -1,4 +1,7 @@
-"""Command-line entry point: ``rlhf-engine {env,bench}``. Training commands arrive with the trainer."""
+"""Command-line entry point: ``rlhf-engine {demo,sft,grpo,generate,plot,env,bench}``.
+
+Training commands take ``--config file.yaml`` plus dotted overrides (``optim.lr=1e-5 trainer.max_steps=50``); the
+resolved config is written into the run directory."""
 
 from __future__ import annotations
 
@@ -26,10 +29,83 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    result = run_demo(args.output_dir, digits=args.digits, ops=args.ops, sft_budget_s=args.sft_budget_s,
+                      sft_target=args.sft_target, grpo_steps=args.grpo_steps, grpo_budget_s=args.grpo_budget_s,
+                      seed=args.seed, style=args.style)
+    return 0 if result["grpo_accuracy"] >= result["sft_accuracy"] else 1
+
+
+def _train(kind: str):
+    def run(args: argparse.Namespace) -> int:
+        from engine.config import GRPORunConfig, SFTRunConfig, load_config
+
+        if kind == "sft":
+            from engine.sft_trainer import SFTTrainer as Trainer
+
+            cfg = load_config(SFTRunConfig, args.config, args.overrides)
+        else:
+            from engine.trainer import GRPOTrainer as Trainer
+
+            cfg = load_config(GRPORunConfig, args.config, args.overrides)
+        metrics = Trainer(cfg).train()
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+        return 0
+
+    return run
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.generation import Generator, SamplingParams
+    from engine.models import load_policy
+
+    model, tokenizer = load_policy(args.model)
+    gen = Generator(model, tokenizer)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed, style=args.style)
+    for out in gen.generate([tokenizer.encode(p) for p in args.prompts], params):
+        for c in out.outputs:
+            print(json.dumps({"request": out.request_id, "index": c.index, "text": c.text,
+                              "finish_reason": c.finish_reason, "logprob": c.cumulative_logprob}))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from engine.metrics import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="cold-start SFT then GRPO of a tiny model on arithmetic (CPU, minutes)")
+    from engine.demo import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(fn=_demo)
+    for kind in ("sft", "grpo"):
+        p = sub.add_parser(kind, help=f"{kind.upper()} training from --config and dotted overrides")
+        p.add_argument("--config", default=None, help="YAML/JSON config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+        p.set_defaults(fn=_train(kind))
+    gen = sub.add_parser("generate", help="sample completions from a checkpoint")
+    gen.add_argument("--model", required=True, help="HF checkpoint directory")
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(fn=_generate)
+    plot = sub.add_parser("plot", help="draw reward/accuracy/KL/length curves of a run to PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None)
+    plot.set_defaults(fn=_plot)
     sub.add_parser("env", help="print the active kernel backends, versions and device").set_defaults(fn=_env)
     bench = sub.add_parser("bench", help="run bench/bench_kernels.py (arguments are passed through)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)

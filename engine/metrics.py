@@ -11,12 +11,13 @@ from pathlib import Path
 
 class MetricsLogger:
     """Writes one JSON line per ``log(step, metrics)`` call to ``run_dir/metrics.jsonl`` (appending, so a resumed run
-    continues the file; lines of steps >= the resume step are dropped first so no step appears twice).
+    continues the file; lines of steps after the resume step, which the resumed run redoes, are dropped first so no
+    step appears twice; a fresh start, ``start_step=0``, empties the file).
 
     Args:
         run_dir: the run directory (created if missing).
         progress_total: total steps for the tqdm bar (None: no bar).
-        start_step: first step of this process (resume point).
+        start_step: steps already done when this process starts (the resume point; 0 for a fresh run).
         tensorboard, wandb: also log there if the package imports (a warning otherwise, never an error).
     """
 
@@ -50,10 +51,12 @@ class MetricsLogger:
                 print(f"[rlhf-engine] wandb requested but unavailable ({e}); logging to metrics.jsonl only")
 
     def _truncate_from(self, step: int) -> None:
+        """Keep the lines of steps ``<= step`` (the checkpoint covers them, step ``step`` included); none when ``step``
+        is 0 (a fresh run logs its own step-0 evaluation)."""
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) < step]
+                if step > 0 and line.strip() and json.loads(line).get("step", -1) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

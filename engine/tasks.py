@@ -1,7 +1,8 @@
 """From a ``DataConfig`` to tokenized training/evaluation examples: the built-in arithmetic task or a dataset
 (GSM8K-style ``question``/``answer`` rows are recognised), prompt templates, and SFT target completions.
 
-Sources (``data.train``): ``builtin:arithmetic[:DIGITS[:OPS]]`` (e.g. ``builtin:arithmetic:3:+-``), or anything
+Sources (``data.train``): ``builtin:arithmetic[:DIGITS[:OPS[:STYLE]]]`` (e.g. ``builtin:arithmetic:3:+-:reverse``;
+STYLE is the SFT target format of ``engine.data.arithmetic_sft_completion``), or anything
 ``engine.data.load_records`` reads (a .jsonl/.json/.parquet file, a directory with ``<split>.jsonl``, a HF dataset
 name). ``data.eval``: a source for held-out prompts; default: the ``test`` split of a directory source, the disjoint
 held-out problems of the built-in task, else the last ``num_eval`` training rows (taken out of training).
@@ -16,7 +17,7 @@ from pathlib import Path
 from engine.data import RAW_TEMPLATE, arithmetic_sft_completion, arithmetic_splits, format_prompt, load_records
 from engine.data.gsm8k import to_prompt_record
 
-_BUILTIN = re.compile(r"^builtin:arithmetic(?::(\d+))?(?::([+\-*]+))?$")
+_BUILTIN = re.compile(r"^builtin:arithmetic(?::(\d+))?(?::([+\-*]+))?(?::(answer|echo|reverse))?$")
 _GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
 
 
@@ -56,11 +57,11 @@ def load_task(data, *, limit_train: int | None = None) -> tuple[list[dict], list
     ``answer`` (and ``completion`` for the built-in task)."""
     m = _BUILTIN.match(data.train)
     if m:
-        digits, ops = int(m.group(1) or 3), m.group(2) or "+-"
+        digits, ops, style = int(m.group(1) or 3), m.group(2) or "+-", m.group(3) or "answer"
         train, held_out = arithmetic_splits(limit_train or 20000, data.num_eval, seed=data.seed, digits=digits,
                                             ops=ops)
         for r in train + held_out:
-            r["completion"] = arithmetic_sft_completion(r)
+            r["completion"] = arithmetic_sft_completion(r, style=style)
         return train, held_out, True
     train = _normalise(load_records(data.train, split="train", limit=limit_train), data.prompt_field,
                        data.answer_field)

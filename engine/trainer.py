@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,14 @@ import numpy as np
 import torch
 
 from engine.algorithms import compute_advantages, make_batch, policy_update, response_logprobs
-from engine.checkpoint import capture_rng_state, load_checkpoint, resolve_resume, restore_rng_state, save_checkpoint
+from engine.checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
 from engine.config import save_config
 from engine.data import char_tokenizer
 from engine.evaluation import evaluate_accuracy
@@ -39,17 +48,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def build_policy(model_cfg, device: torch.device, *, builtin_task: bool, seed: int = 0):
-    """``(model, tokenizer)``: a checkpoint (``model.path``) or a tiny random model of ``model.arch`` with the
-    character tokenizer of the built-in task (or a BPE-free byte vocabulary otherwise)."""
+def build_policy(model_cfg, device: torch.device, *, seed: int = 0):
+    """``(model, tokenizer)``: a checkpoint (``model.path``: a HF directory, or a run directory whose newest complete
+    checkpoint is used) or a tiny random model of ``model.arch`` with the character tokenizer (or ``model.tokenizer``
+    when given)."""
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[model_cfg.dtype]
     if model_cfg.path:
-        model, tokenizer = load_policy(model_cfg.path, dtype=dtype, device=device)
+        path = Path(model_cfg.path)
+        if (path / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
+            latest = find_latest_checkpoint(path)
+            if latest is None:
+                raise ValueError(f"model.path={path} is a run directory without a complete checkpoint")
+            path = latest
+        model, tokenizer = load_policy(str(path), dtype=dtype, device=device)
         if tokenizer is None:
             raise ValueError(f"model.path={model_cfg.path} has no tokenizer; training needs one")
     else:
-        tokenizer = char_tokenizer() if builtin_task or model_cfg.tokenizer is None else None
+        tokenizer = char_tokenizer() if model_cfg.tokenizer is None else None
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -69,6 +85,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _DeferredInterrupt:
+    """Defers Ctrl-C to the next step boundary, so the checkpoint written on interrupt is the state after a whole
+    step (a resumed run then continues exactly). A second Ctrl-C interrupts at once, without a checkpoint. Only in
+    the main thread (signal handlers cannot be installed elsewhere)."""
+
+    def __init__(self):
+        self.pending = self.forced = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\n[rlhf-engine] Ctrl-C: stopping after this step (press again to stop now, without a checkpoint)")
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class BaseTrainer:
     """Model, tokenizer, data, optimizer, schedule, run directory, metrics and checkpoints; subclasses define
     ``total_steps`` and ``train_step(step) -> metrics``."""
@@ -83,7 +126,7 @@ class BaseTrainer:
         self.run_dir = Path(t.output_dir)
         self.train_records, self.eval_records, builtin = load_task(cfg.data)
         if model is None:
-            model, tokenizer = build_policy(cfg.model, self.device, builtin_task=builtin, seed=t.seed)
+            model, tokenizer = build_policy(cfg.model, self.device, seed=t.seed)
         self.model, self.tokenizer = model.train(), tokenizer
         self.train_examples, dropped = tokenize(self.train_records, tokenizer, cfg.data, builtin=builtin)
         self.eval_examples, _ = tokenize(self.eval_records, tokenizer, cfg.data, builtin=builtin)
@@ -96,6 +139,7 @@ class BaseTrainer:
         self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
+        self.before_resume()
         resume = resolve_resume(t.resume, self.run_dir)
         if resume is not None:
             loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
@@ -103,18 +147,22 @@ class BaseTrainer:
             restore_rng_state(loaded["rng_state"])
             print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
 
+    def before_resume(self) -> None:
+        """Hook run once the model is built and before a checkpoint is loaded into it: copies of the *initial*
+        weights (GRPO's reference policy) are taken here, so that a resumed run has the same reference."""
+
     @property
     def total_steps(self) -> int:
         return self.cfg.trainer.max_steps
 
     # ------------------------------------------------------------------------------------------------------ data
     def next_examples(self, count: int) -> list:
-        """The next ``count`` training examples in a per-epoch shuffled order that depends only on (seed, epoch), so
-        a resumed run draws the same prompts."""
+        """The next ``count`` training examples in a per-epoch shuffled order that depends only on (data.seed,
+        epoch), so a resumed run draws the same prompts."""
         out = []
         while len(out) < count:
             order = torch.randperm(len(self.train_examples),
-                                   generator=torch.Generator().manual_seed(self.cfg.trainer.seed * 1000003
+                                   generator=torch.Generator().manual_seed(self.cfg.data.seed * 1000003
                                                                            + self.state["epoch"])).tolist()
             take = order[self.state["position"]:self.state["position"] + count - len(out)]
             out.extend(self.train_examples[i] for i in take)
@@ -153,17 +201,27 @@ class BaseTrainer:
                 f"{self.state['nonfinite_in_a_row']} non-finite steps in a row (trainer.max_consecutive_nonfinite="
                 f"{self.cfg.trainer.max_consecutive_nonfinite}); lower optim.lr or check the data")
 
-    def train(self) -> dict[str, float]:
-        """Run from the current step to ``total_steps``; returns the last metrics (with the final evaluation)."""
+    def train(self, should_stop=None) -> dict[str, float]:
+        """Run from the current step to ``total_steps``; returns the last metrics (with the final evaluation).
+
+        ``should_stop(metrics) -> bool``, checked after every step (after its evaluation), ends the run early (the
+        demo stops the cold-start SFT once the held-out accuracy leaves room for RL, or at a time budget)."""
         t = self.cfg.trainer
         logger = MetricsLogger(self.run_dir, progress_total=self.total_steps if t.progress_bar else None,
                                start_step=self.state["step"], tensorboard=t.tensorboard, wandb=t.wandb)
         metrics: dict[str, float] = {}
+        interrupt = _DeferredInterrupt()
         try:
             if self.state["step"] == 0 and self.eval_examples and t.eval_every:
                 logger.log(0, self.evaluate())
             while self.state["step"] < self.total_steps:
-                metrics = self.train_step(self.state["step"])
+                interrupt.check()  # a Ctrl-C during the previous step lands here, between steps
+                before = dict(self.state)
+                try:
+                    metrics = self.train_step(self.state["step"])
+                except KeyboardInterrupt:
+                    self.state = before  # the step did not happen: its prompts are drawn again on resume
+                    raise
                 self.state["step"] += 1
                 step = self.state["step"]
                 metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
@@ -174,10 +232,16 @@ class BaseTrainer:
                     logger.log(step, metrics)
                 if t.save_every and step % t.save_every == 0:
                     self.save()
+                if should_stop is not None and should_stop(metrics):
+                    if step % t.log_every:
+                        logger.log(step, metrics)
+                    break
         except KeyboardInterrupt:
-            print(f"\n[rlhf-engine] interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
+            if not interrupt.forced:
+                print(f"\n[rlhf-engine] interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
             raise
         finally:
+            interrupt.restore()
             logger.close()
         self.save()
         return metrics
@@ -189,6 +253,10 @@ class GRPOTrainer(BaseTrainer):
     kind = "grpo"
 
     def __init__(self, cfg, *, model=None, tokenizer=None):
+        if cfg.generation.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 for GRPO, got {cfg.generation.temperature}: greedy "
+                             f"rollouts make the {cfg.grpo.num_generations} samples of a prompt identical (no "
+                             "advantage signal)")
         super().__init__(cfg, model=model, tokenizer=tokenizer)
         g = cfg.generation
         self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
@@ -196,8 +264,11 @@ class GRPOTrainer(BaseTrainer):
                                    kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
         self.eval_max_tokens = g.max_tokens
         self.reward_fns = [load_reward(spec) for spec in cfg.grpo.rewards]
+
+    def before_resume(self) -> None:
+        # The reference is the initial policy: copied before a checkpoint overwrites the weights on resume.
         self.ref_model = None
-        if cfg.grpo.kl_coef > 0:
+        if self.cfg.grpo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def rollout(self, examples: list, step: int) -> tuple[list, list]:
@@ -234,10 +305,13 @@ class GRPOTrainer(BaseTrainer):
         for b, c in enumerate(completions):
             rollout_lp[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
         old_lp, ref_lp = self._old_and_ref_logprobs(batch, rollout_lp)
-        result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
-                               cfg=cfg.grpo, temperature=cfg.generation.temperature,
-                               max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
-                               autocast_dtype=self.autocast)
+        for _ in range(cfg.grpo.ppo_epochs):  # pass 1 is on-policy; later passes reuse the rollout (old_lp fixed)
+            result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
+                                   cfg=cfg.grpo, temperature=cfg.generation.temperature,
+                                   max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
+                                   autocast_dtype=self.autocast)
+            if not result.stepped:
+                break
         t_update = time.perf_counter() - t1
         self.record_step_outcome(result.stepped, result.metrics)
 
@@ -245,7 +319,7 @@ class GRPOTrainer(BaseTrainer):
         group_std = scores.view(-1, cfg.grpo.num_generations).std(-1)
         metrics = {
             "reward": scores.mean().item(),
-            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "reward_std": group_std.mean().item(),  # as TRL: the mean of the groups' reward stds
             "frac_reward_zero_std": (group_std == 0).float().mean().item(),
             **{f"rewards/{name}/mean": _nanmean(vals) for name, vals in per_fn.items()},
             "completions/mean_length": lengths.mean().item(),

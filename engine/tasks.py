@@ -2,7 +2,8 @@
 (GSM8K-style ``question``/``answer`` rows are recognised), prompt templates, and SFT target completions.
 
 Sources (``data.train``): ``builtin:arithmetic[:DIGITS[:OPS[:STYLE]]]`` (e.g. ``builtin:arithmetic:3:+-:reverse``;
-STYLE is the SFT target format of ``engine.data.arithmetic_sft_completion``), or anything
+STYLE is the SFT target format of ``engine.data.arithmetic_sft_completion``; operands are zero-padded to DIGITS), or
+anything
 ``engine.data.load_records`` reads (a .jsonl/.json/.parquet file, a directory with ``<split>.jsonl``, a HF dataset
 name). ``data.eval``: a source for held-out prompts; default: the ``test`` split of a directory source, the disjoint
 held-out problems of the built-in task, else the last ``num_eval`` training rows (taken out of training).
@@ -59,9 +60,9 @@ def load_task(data, *, limit_train: int | None = None) -> tuple[list[dict], list
     if m:
         digits, ops, style = int(m.group(1) or 3), m.group(2) or "+-", m.group(3) or "answer"
         train, held_out = arithmetic_splits(limit_train or 20000, data.num_eval, seed=data.seed, digits=digits,
-                                            ops=ops)
+                                            ops=ops, pad=True)
         for r in train + held_out:
-            r["completion"] = arithmetic_sft_completion(r, style=style)
+            r["completion"] = arithmetic_sft_completion(r, style=style, width=digits + 1 if "*" not in ops else None)
         return train, held_out, True
     train = _normalise(load_records(data.train, split="train", limit=limit_train), data.prompt_field,
                        data.answer_field)

@@ -32,7 +32,8 @@ def _problem_space(digits: int, ops: str) -> int:
     return sum(m * (m + 1) // 2 if op in _COMMUTATIVE else m * m for op in ops)
 
 
-def arithmetic_problems(n: int, *, seed: int, digits: int = 3, ops: str = "+-") -> list[dict[str, str]]:
+def arithmetic_problems(n: int, *, seed: int, digits: int = 3, ops: str = "+-",
+                        pad: bool = False) -> list[dict[str, str]]:
     """``n`` distinct arithmetic problems, deterministic in ``seed``.
 
     Args:
@@ -41,6 +42,8 @@ def arithmetic_problems(n: int, *, seed: int, digits: int = 3, ops: str = "+-") 
             prefix of a larger one.
         digits: operands are uniform in ``[0, 10**digits)``.
         ops: the operators drawn from, uniformly, a non-empty subset of ``"+-*"``.
+        pad: write the operands zero-padded to ``digits`` characters (``007+123=``): fixed digit positions make
+            the task much easier for a tiny transformer to learn (the answer stays the plain number).
 
     Returns ``n`` records ``{"prompt": "<a><op><b>=", "answer": "<exact result>"}``.
     Raises ``ValueError`` for ``n < 0``, ``digits < 1``, an unknown operator, or more problems than exist.
@@ -64,12 +67,13 @@ def arithmetic_problems(n: int, *, seed: int, digits: int = 3, ops: str = "+-") 
         if key in seen:
             continue
         seen.add(key)
-        records.append({"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b))})
+        records.append({"prompt": f"{a:0{digits}d}{op}{b:0{digits}d}=" if pad else f"{a}{op}{b}=",
+                        "answer": str(_OPS[op](a, b))})
     return records
 
 
-def arithmetic_splits(n_train: int, n_eval: int, *, seed: int, digits: int = 3,
-                      ops: str = "+-") -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def arithmetic_splits(n_train: int, n_eval: int, *, seed: int, digits: int = 3, ops: str = "+-",
+                      pad: bool = False) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Disjoint training and held-out sets: ``(train, eval)`` of ``n_train`` and ``n_eval`` records.
 
     Both come from one stream of distinct problems (``arithmetic_problems(n_eval + n_train, ...)``): the held-out
@@ -78,11 +82,11 @@ def arithmetic_splits(n_train: int, n_eval: int, *, seed: int, digits: int = 3,
     """
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
-    problems = arithmetic_problems(n_eval + n_train, seed=seed, digits=digits, ops=ops)
+    problems = arithmetic_problems(n_eval + n_train, seed=seed, digits=digits, ops=ops, pad=pad)
     return problems[n_eval:], problems[:n_eval]
 
 
-def arithmetic_sft_completion(record: dict[str, Any], *, style: str = "answer") -> str:
+def arithmetic_sft_completion(record: dict[str, Any], *, style: str = "answer", width: int | None = None) -> str:
     """The target completion of an arithmetic record for cold-start SFT, in the format ``format_reward`` accepts.
 
     Styles (for ``123+45=``):
@@ -91,7 +95,8 @@ def arithmetic_sft_completion(record: dict[str, Any], *, style: str = "answer") 
         ``"reverse"``: ``<think>861</think><answer>168</answer>``, the result's digits least significant first (the
         order in which carries are produced; a known aid for small transformers), then the answer.
 
-    No EOS is included: the trainer appends the tokenizer's. Raises ``ValueError`` for an unknown style or a prompt
+    ``width``: for ``"reverse"``, zero-pad the result to this many digits before reversing (fixed digit positions,
+    as with padded operands). No EOS is included: the trainer appends the tokenizer's. Raises ``ValueError`` for an unknown style or a prompt
     that is not ``<a><op><b>=``.
     """
     answer = str(record["answer"])
@@ -104,7 +109,7 @@ def arithmetic_sft_completion(record: dict[str, Any], *, style: str = "answer") 
         think = "".join(m.groups())
     elif style == "reverse":
         sign, digits_ = ("-", answer[1:]) if answer.startswith("-") else ("", answer)
-        think = sign + digits_[::-1]
+        think = sign + digits_.zfill(width or 0)[::-1]
     else:
         raise ValueError(f"style must be 'answer', 'echo' or 'reverse', got {style!r}")
     return f"<think>{think}</think><answer>{answer}</answer>"

@@ -39,7 +39,7 @@ def run_demo(output_dir: str = "runs/demo", *, digits: int = 3, ops: str = "+", 
 
     sft_cfg = load_config(SFTRunConfig, None, common + [
         f"trainer.output_dir={root / 'sft'}", "sft.max_steps=5000", "sft.batch_size=64", "sft.micro_batch_size=64",
-        "optim.lr=2e-3", "optim.warmup_steps=50", "trainer.eval_every=50"])
+        "optim.lr=1e-3", "optim.warmup_steps=50", "trainer.eval_every=50"])
     sft = SFTTrainer(sft_cfg)
     print(f"[demo] {_clock(start)} cold-start SFT: stop at held-out accuracy >= {sft_target:.0%} "
           f"or after {sft_budget_s:.0f}s")

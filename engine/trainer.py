@@ -45,6 +45,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: ``"auto"`` is CUDA when available, else the CPU; anything else is passed to torch."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
@@ -80,6 +81,7 @@ def build_policy(model_cfg, device: torch.device, *, seed: int = 0):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -9,6 +9,8 @@ from engine.generation.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):
+    """Where a sample is in its life: waiting for a prefill, running (decoding), or finished."""
+
     WAITING = "waiting"  # needs a prefill: a new request's prompt, or a preempted sample's prompt + output
     RUNNING = "running"  # its K/V is cached except for the last sampled token, which the next decode step feeds
     FINISHED = "finished"

@@ -9,6 +9,7 @@ import time
 import torch
 
 from engine.algorithms import make_batch, sft_loss
+from engine.algorithms.batching import clip_and_step
 from engine.generation import Generator
 from engine.trainer import BaseTrainer
 
@@ -54,13 +55,7 @@ class SFTTrainer(BaseTrainer):
                 break
             loss.backward()
             total += loss.item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)) if finite \
-            else float("nan")
-        stepped = finite and math.isfinite(grad_norm)
-        if stepped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.optim.max_grad_norm, finite)
         metrics = {"loss": total if finite else float("nan"), "grad_norm": grad_norm,
                    "perf/tokens_per_sec": n_tok / max(time.perf_counter() - t0, 1e-9)}
         self.record_step_outcome(stepped, metrics)

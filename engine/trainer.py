@@ -36,7 +36,7 @@ from engine.generation import Generator, SamplingParams
 from engine.metrics import MetricsLogger
 from engine.models import load_policy, tiny_model
 from engine.optim import make_optimizer, make_scheduler
-from engine.rewards import compute_rewards, load_reward, reward_name
+from engine.rewards import compute_rewards, load_reward
 from engine.tasks import load_task, tokenize
 
 

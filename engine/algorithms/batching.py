@@ -7,6 +7,7 @@ only at response positions, with ``kernels.fused_linear_logprobs`` (the ``[N, V]
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,19 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
         labels[b, :len(r)] = torch.tensor(r, dtype=torch.long)
     return TokenBatch(input_ids.to(device), attention.to(device), index.to(device), labels.to(device),
                       (labels != -100).to(device))
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple[float, bool]:
+    """Finish an accumulated step: clip the gradient norm to ``max_grad_norm`` and step ``optimizer`` unless the loss
+    (``finite`` False) or the gradient norm is non-finite; the gradients are zeroed either way, so a bad step never
+    reaches the weights. Returns ``(grad_norm, stepped)`` (grad_norm NaN when the loss was non-finite)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else float("nan")
+    stepped = finite and math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
 
 
 def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, return_entropy: bool = False):

@@ -4,13 +4,12 @@ correction of rollout/trainer mismatch). All loss math goes through ``kernels`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 import kernels as K
-from engine.algorithms.batching import TokenBatch, response_logprobs
+from engine.algorithms.batching import TokenBatch, clip_and_step, response_logprobs
 
 
 @dataclass
@@ -83,12 +82,7 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value.item() * (share if name != "pg_loss" else 1.0)
         entropy_sum += float((entropy.detach() * mb.response_mask).sum())
-    params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
-    stepped = finite and math.isfinite(float(grad_norm))
-    if stepped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, stepped = clip_and_step(policy, optimizer, max_grad_norm, finite)
     out = {
         "loss": sums.get("loss", float("nan")),
         "pg_loss": sums.get("pg_loss", float("nan")),
@@ -98,6 +92,6 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
         "clip_ratio/high_mean": sums.get("clip_ratio/high_mean", 0.0),
         "clip_ratio/region_mean": sums.get("pg_clipfrac", 0.0),
         "ppo_kl": sums.get("ppo_kl", 0.0),
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
     }
     return PolicyUpdateResult(out, stepped)

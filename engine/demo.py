@@ -52,7 +52,9 @@ def run_demo(output_dir: str = "runs/demo", *, digits: int = 3, ops: str = "+", 
         return False
 
     sft_metrics = sft.train(should_stop=sft_done)
-    sft_accuracy = sft_metrics.get("eval/accuracy") or sft.evaluate()["eval/accuracy"]
+    sft_accuracy = sft_metrics.get("eval/accuracy")
+    if sft_accuracy is None:  # stopped by max_steps between two evaluations
+        sft_accuracy = sft.evaluate()["eval/accuracy"]
     checkpoint = find_latest_checkpoint(root / "sft")
     print(f"[demo] {_clock(start)} SFT done: held-out accuracy {sft_accuracy:.1%} ({checkpoint})")
 

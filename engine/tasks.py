@@ -6,7 +6,8 @@ STYLE is the SFT target format of ``engine.data.arithmetic_sft_completion``; ope
 anything
 ``engine.data.load_records`` reads (a .jsonl/.json/.parquet file, a directory with ``<split>.jsonl``, a HF dataset
 name). ``data.eval``: a source for held-out prompts; default: the ``test`` split of a directory source, the disjoint
-held-out problems of the built-in task, else the last ``num_eval`` training rows (taken out of training).
+held-out problems of the built-in task, else the last ``num_eval`` training rows (taken out of training; with
+``num_eval=0`` nothing is held out and there is no evaluation).
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ def load_task(data, *, limit_train: int | None = None) -> tuple[list[dict], list
         return train, held_out, True
     train = _normalise(load_records(data.train, split="train", limit=limit_train), data.prompt_field,
                        data.answer_field)
-    if data.eval:
-        held_out = _normalise(load_records(data.eval, split="test", limit=data.num_eval), data.prompt_field,
-                              data.answer_field)
-    elif Path(data.train).is_dir():
-        held_out = _normalise(load_records(data.train, split="test", limit=data.num_eval), data.prompt_field,
-                              data.answer_field)
-    else:
+    eval_source = data.eval or (data.train if Path(data.train).is_dir() else None)
+    if eval_source is not None:  # num_eval=0: every evaluation record
+        held_out = _normalise(load_records(eval_source, split="test", limit=data.num_eval or None),
+                              data.prompt_field, data.answer_field)
+    elif data.num_eval:
         held_out, train = train[-data.num_eval:], train[:-data.num_eval]
+    else:  # no evaluation source and nothing to carve out of the training rows
+        held_out = []
     return train, held_out, False
 
 

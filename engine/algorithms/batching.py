@@ -35,7 +35,7 @@ class TokenBatch:
         return int(self.response_mask.sum())
 
     def rows(self, sl: slice) -> TokenBatch:
-        """The micro-batch of rows ``sl`` (views, trimmed to its own longest row)."""
+        """The micro-batch of rows ``sl`` (views; the padded length ``T`` of the whole batch is kept)."""
         return TokenBatch(*(t[sl] for t in (self.input_ids, self.attention_mask, self.response_index, self.labels,
                                              self.response_mask)))
 

@@ -7,6 +7,7 @@ Layout of ``run_dir/checkpoints/step-00000120/``::
     optimizer.pt, scheduler.pt                                 their ``state_dict()``s (``torch.save``)
     rng.pt                                                     ``capture_rng_state()``
     trainer_state.json                                         the caller's dict (data position, counters, ...)
+    critic/  (model + optimizer.pt + scheduler.pt)             each extra component (``components=``), e.g. PPO's critic
     COMPLETE                                                   JSON marker (step, versions, time), written last
 
 Everything is written into a temporary sibling ``.tmp-step-00000120-<pid>``, the files are fsync'd, the marker is
@@ -135,15 +136,24 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
         model.save_pretrained(path)
 
 
-def _write_files(tmp: Path, step: int, *, model, tokenizer, optimizer, scheduler, rng_state, trainer_state) -> None:
+def _write_model_state(folder: Path, *, model, optimizer, scheduler) -> None:
+    _save_model(model, folder)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+
+
+def _write_files(tmp: Path, step: int, *, model, tokenizer, optimizer, scheduler, rng_state, trainer_state,
+                 components) -> None:
     """Every file of the checkpoint but the marker, into ``tmp``."""
-    _save_model(model, tmp)
+    _write_model_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for name, parts in (components or {}).items():
+        (tmp / name).mkdir()
+        _write_model_state(tmp / name, model=parts["model"], optimizer=parts.get("optimizer"),
+                           scheduler=parts.get("scheduler"))
     if rng_state is not None:
         torch.save(rng_state, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state or {}), indent=2, sort_keys=True))
@@ -165,7 +175,7 @@ def _write_marker(tmp: Path, step: int) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=None, optimizer=None, scheduler=None,
                     rng_state: Mapping[str, Any] | None = None, trainer_state: Mapping[str, Any] | None = None,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, components: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Commit a checkpoint of step ``step`` to ``run_dir/checkpoints/step-{step:08d}`` and return that path.
 
     Args:
@@ -177,6 +187,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
         rng_state: ``capture_rng_state()``, taken by the caller at the point the resumed run should continue from.
         trainer_state: a JSON-serialisable dict (data position, metric counters, ...), returned by
             ``load_checkpoint``.
+        components: further models saved in sub-directories of the checkpoint, ``{name: {"model": m,
+            "optimizer": o, "scheduler": s}}`` (optimizer and scheduler optional), e.g. PPO's critic under
+            ``critic/``; names are plain identifiers. ``load_checkpoint(components=...)`` restores them.
         keep_last: complete checkpoints kept afterwards (>= 1): the new one plus the ``keep_last - 1`` others of
             highest step; older ones are deleted only after the new one is committed. Torn ``step-*`` dirs and
             leftover ``.tmp-*`` dirs are deleted too.
@@ -188,6 +201,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    for name in components or {}:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name == CHECKPOINTS_DIR:
+            raise ValueError(f"component names must be plain identifiers, got {name!r}")
     final = checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
     replaced = root / f"{_TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
     try:
         _write_files(tmp, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                     rng_state=rng_state, trainer_state=trainer_state)
+                     rng_state=rng_state, trainer_state=trainer_state, components=components)
         for p in tmp.rglob("*"):
             if p.is_file():
                 _fsync_file(p)
@@ -306,7 +322,18 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(loaded, strict=False)
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+def _load_model_state(path: Path, *, model, optimizer, scheduler) -> None:
+    _load_weights(path, model)
+    for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
+        if obj is None:
+            continue
+        if not (path / fname).is_file():
+            raise ValueError(f"checkpoint {path} has no {fname}, but a {type(obj).__name__} was passed to load into")
+        obj.load_state_dict(torch.load(path / fname, map_location="cpu", weights_only=True))
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    components: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """Load a complete checkpoint into existing objects, in place.
 
     Args:
@@ -314,6 +341,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
         model: receives the weights (cast to its dtype, on its device); the architecture must match.
         optimizer, scheduler: receive their saved state when given (``ValueError`` if the checkpoint has none).
             The optimizer must have been built over the model's parameters in the same order as when saved.
+        components: ``{name: {"model", "optimizer", "scheduler"}}`` as given to ``save_checkpoint``; each is loaded
+            from ``path/name`` (``ValueError`` when the checkpoint lacks it).
 
     Returns ``{"step": int, "trainer_state": dict, "rng_state": dict | None}``; pass ``rng_state`` to
     ``restore_rng_state`` (with the same named generators) at the point the run continues.
@@ -322,13 +351,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
     if not is_complete(path):
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     marker = json.loads((path / MARKER).read_text())
-    _load_weights(path, model)
-    for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is None:
-            continue
-        if not (path / fname).is_file():
-            raise ValueError(f"checkpoint {path} has no {fname}, but a {type(obj).__name__} was passed to load into")
-        obj.load_state_dict(torch.load(path / fname, map_location="cpu", weights_only=True))
+    _load_model_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    for name, parts in (components or {}).items():
+        if not (path / name).is_dir():
+            raise ValueError(f"checkpoint {path} has no {name}/ component to load")
+        _load_model_state(path / name, model=parts["model"], optimizer=parts.get("optimizer"),
+                          scheduler=parts.get("scheduler"))
     rng = path / "rng.pt"
     ts = path / "trainer_state.json"
     return {

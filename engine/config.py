@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from kernels.dpo_loss import DPO_LOSS_TYPES
 from kernels.kl import KL_ESTIMATORS
 from kernels.loss_agg import LOSS_AGG_MODES
 
@@ -246,8 +247,10 @@ class ModelConfig(Section):
     dtype: str = "auto"
     """Parameter dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16."""
     tokenizer: str | None = None
-    """Tokenizer directory; null means ``path`` (or, for a random model, a small byte-level BPE trained on the
-    training prompts)."""
+    """Tokenizer directory; null means ``path``'s own, or for a random model the character tokenizer
+    (``engine.data.char_tokenizer``). ``bpe`` or ``bpe:N`` (random model only) trains a byte-level BPE of at most N
+    tokens (default 2048) on the run's training texts (``engine.models.train_bpe_tokenizer``); it is saved with every
+    checkpoint, so later runs that start from this one use it."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
@@ -261,6 +264,12 @@ class ModelConfig(Section):
         _choice("preset", self.preset, MODEL_PRESETS, allow_none=True)
         _choice("dtype", self.dtype, MODEL_DTYPES)
         _nonempty("tokenizer", self.tokenizer, allow_none=True)
+        if self.tokenizer is not None and self.tokenizer.startswith("bpe"):
+            if not re.fullmatch(r"bpe(:\d+)?", self.tokenizer):
+                raise ConfigError("tokenizer", f"must be a directory, 'bpe' or 'bpe:N', got {self.tokenizer!r}")
+            if self.path is not None:
+                raise ConfigError("tokenizer", f"{self.tokenizer!r} trains a tokenizer for a random model; with "
+                                  f"path={self.path!r} the checkpoint's tokenizer is used")
 
 
 @dataclass
@@ -285,7 +294,8 @@ class DataConfig(Section):
     """System message prepended when the chat template is used; null for none."""
     max_prompt_tokens: int = 256
     """Longest prompt, in tokens; longer prompts are left out of the data (a truncated question is another
-    question)."""
+    question). Preference pairs (reward model, DPO) instead keep the last ``max_prompt_tokens`` tokens of a longer
+    prompt (the most recent turns of the dialogue)."""
     num_eval: int = 200
     """At most this many evaluation examples are scored (the first ones, in a fixed order); 0 means all of them."""
     seed: int = 0
@@ -469,6 +479,181 @@ class SFTConfig(Section):
             _int("max_steps", self.max_steps, 1)
 
 
+@dataclass
+class PairTrainingConfig(Section):
+    """Batching of a preference-pair run (reward model, DPO): pairs per step, epochs, sequence lengths."""
+
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    micro_batch_size: int = 16
+    """Pairs per forward/backward pass (each pass runs chosen and rejected together: 2x rows)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps even if ``epochs`` are not done; null: ``epochs`` alone decide."""
+    max_length: int = 512
+    """Most tokens of prompt + response; responses are cut to fit (the prompt is cut first, to
+    ``data.max_prompt_tokens``, from the left)."""
+    eval_batch_size: int = 64
+    """Pairs per forward pass when scoring the held-out split."""
+
+    def validate(self) -> None:
+        """Positive counts and sizes."""
+        _int("batch_size", self.batch_size, 1)
+        _int("micro_batch_size", self.micro_batch_size, 1)
+        _int("epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            _int("max_steps", self.max_steps, 1)
+        _int("max_length", self.max_length, 2)
+        _int("eval_batch_size", self.eval_batch_size, 1)
+
+
+@dataclass
+class RewardModelConfig(PairTrainingConfig):
+    """Bradley-Terry reward model on chosen/rejected pairs (``engine.algorithms.reward_model``,
+    ``kernels.pairwise_reward_loss``)."""
+
+    center_rewards_coefficient: float | None = None
+    """Adds ``c * mean((r_c + r_r)^2)`` to keep rewards near zero (TRL's option; it suggests 0.01); null is off."""
+    margin_field: str | None = None
+    """Column holding a per-pair margin subtracted inside the sigmoid (Llama 2); null: no margin."""
+
+    def validate(self) -> None:
+        """The batching checks, and a non-negative centring coefficient."""
+        super().validate()
+        if self.center_rewards_coefficient is not None:
+            _num("center_rewards_coefficient", self.center_rewards_coefficient, 0.0)
+        _nonempty("margin_field", self.margin_field, allow_none=True)
+
+
+@dataclass
+class DPOConfig(PairTrainingConfig):
+    """Direct Preference Optimization (Rafailov et al. 2023; ``engine.algorithms.dpo``, ``kernels.dpo_loss``). The
+    reference is the initial policy; its log-probs of every pair are computed once, before training."""
+
+    beta: float = 0.1
+    """KL-regularisation strength (TRL's default 0.1); > 0."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO; cDPO with ``label_smoothing``), robust or ipo (``kernels.DPO_LOSS_TYPES``)."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a preference label is flipped, in [0, 0.5); must be 0 for ipo."""
+
+    def validate(self) -> None:
+        """The batching checks, beta > 0, known loss type, label smoothing in range."""
+        super().validate()
+        _num("beta", self.beta, 0.0, lo_open=True)
+        _choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
+        _num("label_smoothing", self.label_smoothing, 0.0, 0.5, hi_open=True)
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing", f"must be 0 with loss_type='ipo', got {self.label_smoothing}")
+
+
+@dataclass
+class PPOConfig(Section):
+    """PPO with a critic (Ouyang et al. 2022; ``engine.algorithms.ppo``): one completion per prompt scored by a frozen
+    reward model (or rule rewards), token rewards = the score at the last response token minus ``kl_coef`` times the
+    per-token KL to the reference (KL in the reward), GAE advantages (whitened) and returns, then ``ppo_epochs``
+    passes of clipped policy and value losses over mini-batches."""
+
+    prompts_per_step: int = 32
+    """Prompts per rollout batch (one completion each, or ``num_generations``)."""
+    num_generations: int = 1
+    """Completions sampled per prompt."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 16
+    """Completions per optimizer step (of the actor and of the critic) within a pass."""
+    micro_batch_size: int = 16
+    """Completions per forward/backward pass (gradient accumulation inside a mini-batch)."""
+    clip_ratio_low: float = 0.2
+    """Policy ratio clipped below at ``1 - clip_ratio_low``; in [0, 1]."""
+    clip_ratio_high: float = 0.2
+    """Policy ratio clipped above at ``1 + clip_ratio_high``; >= 0."""
+    cliprange_value: float | None = 0.5
+    """Value clip half-width around the rollout's values (veRL's 0.5); null for the unclipped value loss."""
+    loss_agg_mode: str = "token-mean"
+    """Aggregation of the policy and value token losses (``kernels.LOSS_AGG_MODES``)."""
+    gamma: float = 1.0
+    """Discount factor of GAE, in [0, 1]."""
+    lam: float = 0.95
+    """GAE lambda, in [0, 1] (TRL and OpenRLHF use 0.95)."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the batch's response tokens (veRL's recipe)."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference policy (the initial one); 0 needs no reference model."""
+    kl_estimator: str = "k1"
+    """KL estimator (``kernels.KL_ESTIMATORS``); k1 in the reward is InstructGPT's."""
+    use_kl_loss: bool = False
+    """False: the KL is a per-token reward penalty (InstructGPT). True: it is a loss term instead (GRPO style; pair
+    it with ``kl_estimator: k3``)."""
+    adaptive_kl: bool = False
+    """Adapt ``kl_coef`` towards ``target_kl`` (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target of the adaptive controller: the mean per-sequence KL, in nats."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in samples."""
+    critic_lr: float = 1e-5
+    """Learning rate of the critic's own AdamW (the other optimizer settings are ``optim``'s)."""
+    critic_path: str | None = None
+    """Initial critic: a reward-model / critic checkpoint (directory or run directory). Null: the reward model's weights
+    when ``reward_model`` is set (InstructGPT, OpenRLHF), else the policy's body with a fresh value head."""
+    reward_model: str | None = None
+    """The frozen reward model: a run directory of ``rlhf-engine rm`` or a ``*ForSequenceClassification``
+    checkpoint. Null: the rule rewards of ``rewards``."""
+    rewards: list[str] = field(default_factory=list)
+    """Rule reward functions (as in ``grpo.rewards``), used when ``reward_model`` is null."""
+    reward_weights: list[float] | None = None
+    """One weight per entry of ``rewards``; null weighs them all 1."""
+    reward_clip: float | None = None
+    """Clip scores to ``[-reward_clip, reward_clip]`` before they enter the rewards (OpenRLHF clips at 10); null: no
+    clip."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a completion that hit ``generation.max_tokens`` without EOS (TRL's option)."""
+    rollout_is: str | None = None
+    """Truncated importance sampling of the generator/trainer log-prob gap: token, sequence, or null."""
+    rollout_is_cap: float = 2.0
+    """Upper bound of the rollout importance weights (> 0)."""
+
+    def validate(self) -> None:
+        """Positive sizes, clip ratios, discounting and KL settings in range; a reward source."""
+        _int("prompts_per_step", self.prompts_per_step, 1)
+        _int("num_generations", self.num_generations, 1)
+        _int("ppo_epochs", self.ppo_epochs, 1)
+        _int("mini_batch_size", self.mini_batch_size, 1)
+        _int("micro_batch_size", self.micro_batch_size, 1)
+        _num("clip_ratio_low", self.clip_ratio_low, 0.0, 1.0)
+        _num("clip_ratio_high", self.clip_ratio_high, 0.0)
+        if self.cliprange_value is not None:
+            _num("cliprange_value", self.cliprange_value, 0.0, lo_open=True)
+        _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _num("gamma", self.gamma, 0.0, 1.0)
+        _num("lam", self.lam, 0.0, 1.0)
+        _num("kl_coef", self.kl_coef, 0.0)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _num("target_kl", self.target_kl, 0.0, lo_open=True)
+        _int("kl_horizon", self.kl_horizon, 1)
+        _num("critic_lr", self.critic_lr, 0.0, lo_open=True)
+        _nonempty("critic_path", self.critic_path, allow_none=True)
+        _nonempty("reward_model", self.reward_model, allow_none=True)
+        if self.reward_model is None and not self.rewards:
+            raise ConfigError("reward_model", "or ppo.rewards must give the reward: set a reward-model run directory "
+                              "(rlhf-engine rm) or rule reward names, got neither")
+        if self.reward_model is not None and self.rewards:
+            raise ConfigError("rewards", f"must be empty when reward_model is set (one reward source), got "
+                              f"{self.rewards}")
+        for i, name in enumerate(self.rewards):
+            _nonempty(f"rewards[{i}]", name)
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError("reward_weights", f"must have one weight per reward ({len(self.rewards)}), got "
+                              f"{len(self.reward_weights)}")
+        if self.reward_clip is not None:
+            _num("reward_clip", self.reward_clip, 0.0, lo_open=True)
+        if self.missing_eos_penalty is not None:
+            _num("missing_eos_penalty", self.missing_eos_penalty, 0.0)
+        _choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS, allow_none=True)
+        _num("rollout_is_cap", self.rollout_is_cap, 0.0, lo_open=True)
+
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -551,6 +736,57 @@ class SFTRunConfig(Section):
     """Batching and the step budget."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Loop, logging, checkpoints (``trainer.max_steps`` is not used: see ``sft.max_steps``)."""
+
+
+@dataclass
+class RewardModelRunConfig(Section):
+    """Everything a reward-model run reads (``rlhf-engine rm --config run.yaml key=value ...``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone: a causal LM checkpoint (a fresh value head is added; InstructGPT starts from the SFT model), a
+    reward-model checkpoint (training continues), or a tiny random model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs (``chosen``/``rejected``, with or without ``prompt``) and the held-out split."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Batching and the loss."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop, logging, checkpoints (``trainer.max_steps`` is not used: see ``rm.max_steps``)."""
+
+
+@dataclass
+class DPORunConfig(Section):
+    """Everything a DPO run reads (``rlhf-engine dpo --config run.yaml key=value ...``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy; its initial weights are the frozen reference."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs and the held-out split."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Batching and the loss."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop, logging, checkpoints (``trainer.max_steps`` is not used: see ``dpo.max_steps``)."""
+
+
+@dataclass
+class PPORunConfig(Section):
+    """Everything a PPO run reads (``rlhf-engine ppo --config run.yaml key=value ...``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (actor); its initial weights are the frozen reference."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt sources and formatting (preference data gives its prompts)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Rollout sampling."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The actor's optimizer and schedule (the critic's lr is ``ppo.critic_lr``)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """The algorithm, the reward model and the critic."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop, logging, checkpoints."""
 
 
 # ------------------------------------------------------------------------------------------------ YAML / JSON I/O
@@ -699,7 +935,8 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "GRPOConfig", "GRPORunConfig", "GenerationConfig", "ModelConfig", "OptimConfig",
-    "SFTConfig", "SFTRunConfig", "Section", "TrainerConfig", "apply_overrides", "load_config", "parse_value",
+    "ConfigError", "DPOConfig", "DPORunConfig", "DataConfig", "GRPOConfig", "GRPORunConfig", "GenerationConfig",
+    "ModelConfig", "OptimConfig", "PPOConfig", "PPORunConfig", "PairTrainingConfig", "RewardModelConfig",
+    "RewardModelRunConfig", "SFTConfig", "SFTRunConfig", "Section", "TrainerConfig", "apply_overrides", "load_config", "parse_value",
     "save_config", "to_dict",
 ]

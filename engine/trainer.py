@@ -34,7 +34,7 @@ from engine.data import char_tokenizer
 from engine.evaluation import evaluate_accuracy
 from engine.generation import Generator, SamplingParams
 from engine.metrics import MetricsLogger
-from engine.models import load_policy, tiny_model
+from engine.models import load_policy, tiny_model, train_bpe_tokenizer
 from engine.optim import make_optimizer, make_scheduler
 from engine.rewards import compute_rewards, load_reward
 from engine.tasks import load_task, tokenize
@@ -49,28 +49,51 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def build_policy(model_cfg, device: torch.device, *, seed: int = 0):
+def resolve_dtype_name(name: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 on CUDA, float32 elsewhere."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or the newest complete checkpoint of a run directory (one holding ``checkpoints/``)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} is a run directory without a complete checkpoint")
+        return latest
+    return path
+
+
+def build_tokenizer(model_cfg, texts=None):
+    """The tokenizer of a random model: the character tokenizer, a directory's, or (``bpe[:N]``) a byte-level BPE
+    trained on ``texts`` (an iterable of strings; required then)."""
+    spec = model_cfg.tokenizer
+    if spec is None:
+        return char_tokenizer()
+    if spec.startswith("bpe"):
+        if texts is None:
+            raise ValueError(f"model.tokenizer={spec!r} needs training texts to learn the BPE from")
+        vocab = int(spec.partition(":")[2] or 2048)
+        return train_bpe_tokenizer(texts, vocab_size=vocab)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+
+
+def build_policy(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
     """``(model, tokenizer)``: a checkpoint (``model.path``: a HF directory, or a run directory whose newest complete
-    checkpoint is used) or a tiny random model of ``model.arch`` with the character tokenizer (or ``model.tokenizer``
-    when given)."""
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[model_cfg.dtype]
+    checkpoint is used) or a tiny random model of ``model.arch`` with the tokenizer of ``build_tokenizer`` (``texts``
+    feed a ``bpe`` tokenizer)."""
+    dtype = resolve_dtype_name(model_cfg.dtype, device)
     if model_cfg.path:
-        path = Path(model_cfg.path)
-        if (path / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
-            latest = find_latest_checkpoint(path)
-            if latest is None:
-                raise ValueError(f"model.path={path} is a run directory without a complete checkpoint")
-            path = latest
+        path = resolve_model_dir(model_cfg.path)
         model, tokenizer = load_policy(str(path), dtype=dtype, device=device)
         if tokenizer is None:
             raise ValueError(f"model.path={model_cfg.path} has no tokenizer; training needs one")
     else:
-        tokenizer = char_tokenizer() if model_cfg.tokenizer is None else None
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer, local_files_only=True)
+        tokenizer = build_tokenizer(model_cfg, texts)
         overrides = dict(model_cfg.tiny_overrides)
         model = tiny_model(model_cfg.arch, preset=model_cfg.preset, vocab_size=len(tokenizer), dtype=dtype,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -126,15 +149,11 @@ class BaseTrainer:
         seed_everything(t.seed)
         self.device = resolve_device(t.device)
         self.run_dir = Path(t.output_dir)
-        self.train_records, self.eval_records, builtin = load_task(cfg.data)
+        self.load_data()
         if model is None:
-            model, tokenizer = build_policy(cfg.model, self.device, seed=t.seed)
+            model, tokenizer = self.build_model()
         self.model, self.tokenizer = model.train(), tokenizer
-        self.train_examples, dropped = tokenize(self.train_records, tokenizer, cfg.data, builtin=builtin)
-        self.eval_examples, _ = tokenize(self.eval_records, tokenizer, cfg.data, builtin=builtin)
-        if not self.train_examples:
-            raise ValueError(f"no training prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
-                             f"({dropped} dropped)")
+        self.prepare_examples()
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps)
@@ -144,14 +163,46 @@ class BaseTrainer:
         self.before_resume()
         resume = resolve_resume(t.resume, self.run_dir)
         if resume is not None:
-            loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     components=self.checkpoint_components())
             self.state.update(loaded["trainer_state"])
             restore_rng_state(loaded["rng_state"])
             print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
 
+    # ------------------------------------------------------------------------------------------------ set-up hooks
+    def load_data(self) -> None:
+        """Set ``train_records`` and ``eval_records`` (lists of dicts) from ``cfg.data``; prompts by default."""
+        self.train_records, self.eval_records, self._builtin_task = load_task(self.cfg.data)
+
+    def training_texts(self):
+        """Texts a ``bpe`` tokenizer is trained on: the training prompts and completions."""
+        for r in self.train_records:
+            if isinstance(r.get("prompt"), str):
+                yield r["prompt"]
+            if isinstance(r.get("completion"), str):
+                yield r["completion"]
+
+    def build_model(self):
+        """``(model, tokenizer)`` when none was passed in: the policy of ``cfg.model``."""
+        return build_policy(self.cfg.model, self.device, seed=self.cfg.trainer.seed, texts=self.training_texts())
+
+    def prepare_examples(self) -> None:
+        """Set ``train_examples`` and ``eval_examples`` from the records (tokenized prompts by default); raises
+        ``ValueError`` when no training example is left."""
+        data, builtin = self.cfg.data, self._builtin_task
+        self.train_examples, dropped = tokenize(self.train_records, self.tokenizer, data, builtin=builtin)
+        self.eval_examples, _ = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
+        if not self.train_examples:
+            raise ValueError(f"no training prompt fits data.max_prompt_tokens={data.max_prompt_tokens} "
+                             f"({dropped} dropped)")
+
     def before_resume(self) -> None:
         """Hook run once the model is built and before a checkpoint is loaded into it: copies of the *initial*
         weights (GRPO's reference policy) are taken here, so that a resumed run has the same reference."""
+
+    def checkpoint_components(self) -> dict:
+        """Further models checkpointed beside the policy (``save_checkpoint(components=...)``): PPO's critic."""
+        return {}
 
     @property
     def total_steps(self) -> int:
@@ -186,7 +237,8 @@ class BaseTrainer:
         t = self.cfg.trainer
         return save_checkpoint(self.run_dir, self.state["step"], model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng_state=capture_rng_state(),
-                               trainer_state=dict(self.state), keep_last=t.keep_last)
+                               trainer_state=dict(self.state), keep_last=t.keep_last,
+                               components=self.checkpoint_components())
 
     def record_step_outcome(self, stepped: bool, metrics: dict) -> None:
         """Count skipped (non-finite) steps; raise ``NonFiniteLossError`` after too many in a row."""

@@ -40,16 +40,17 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     On CUDA with a bf16/fp16 operand, both go to that dtype and cuBLAS writes float32 (``out_dtype``, torch >= 2.8):
     tensor-core speed, no float32 copy of the ``[V, H]`` weight (a float32 ``dz`` is rounded to bf16 first, as TRL
-    does). Elsewhere both are upcast to float32."""
+    and plain bf16 autograd do). Elsewhere the operands are rounded the same way and multiplied in float32, so the
+    CPU computes what the GPU computes (up to summation order) and the CPU tests see the GPU's precision."""
     if a.dtype == b.dtype == torch.float32:
         return a @ b
+    low = a.dtype if a.dtype != torch.float32 else b.dtype
     if a.is_cuda:
-        low = a.dtype if a.dtype != torch.float32 else b.dtype
         try:
             return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
         except (TypeError, RuntimeError):  # older torch: no out_dtype
             pass
-    return a.float() @ b.float()
+    return a.to(low).float() @ b.to(low).float()
 
 
 def _chunk_logits(h, weight, bias):

@@ -60,8 +60,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton or kernels are importe
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# First on the path, ahead of this script's own folder (sys.path[0] = tests/), whose tests/engine package would
+# otherwise shadow the real engine package (seen on the GPU box, where PYTHONPATH put the repo after tests/).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if p != str(REPO)]
 
 SKIP_RC = 3
 TABLE_RC = 2

@@ -157,7 +157,7 @@ def test_triton_decode_half(dtype, heads, D, block_size, device):
 @pytest.mark.parametrize("dot_min_group", [1, 100], ids=["dot", "broadcast"])
 @pytest.mark.parametrize("heads", [(2, 1), (7, 1), (20, 1)], ids=["G2", "G7", "G20"])
 def test_triton_decode_paths(heads, dot_min_group, device):
-    # both score paths for the same groups; G20 runs two programs of 16 rows per kv head
+    # both score paths for the same groups; G20 runs two programs of 16 rows (dot) or three of 8 (broadcast) per kv head
     H, H_kv = heads
     backend = TritonAttention(split_size=8, dot_min_group=dot_min_group)
     out, ref, _ = run_backend(backend, RAGGED, [1, 1, 1], H, H_kv, 16, 4, torch.float32, device, seed=H)
@@ -229,7 +229,7 @@ def test_decode_tiles():
     assert decode_tiles(1, 128, interpret=False) == (False, 1, 16, 128, 4)
     assert decode_tiles(7, 80, interpret=False).is_dot and decode_tiles(7, 80, interpret=False).block_d == 128
     assert decode_tiles(2, 8, interpret=False).block_d == 16
-    assert decode_tiles(32, 64, dot_min_group=100, interpret=False).block_h == 16  # capped: two programs per kv head
+    assert decode_tiles(32, 64, dot_min_group=100, interpret=False).block_h == 8  # capped: four programs per kv head
 
 
 # --------------------------------------------------------------------------------------------- validation, factory

@@ -152,9 +152,11 @@ def _bytes_for_blocks(model, block_size, num_blocks):
     return per_block * num_blocks
 
 
-def test_triton_decode_backend_matches_torch(model):
-    """The Triton paged-decode kernel (interpreted on the CPU) gives the same greedy tokens and log-probs."""
+def test_triton_decode_backend_matches_torch(model, device):
+    """The Triton paged-decode kernel (interpreted on the CPU, compiled on CUDA) gives the same greedy tokens and
+    log-probs."""
     params = SamplingParams(n=2, temperature=1.0, max_tokens=5, ignore_eos=True, seed=3)
+    model = copy.deepcopy(model).to(device)
     outs = {}
     for backend in ("torch", "triton"):
         gen = Generator(model, block_size=4, attention_backend=backend, kv_cache_memory=1 << 22)

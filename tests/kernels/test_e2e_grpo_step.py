@@ -25,15 +25,15 @@ def rollout(seed=0):
     return tokens, mask, scores
 
 
-def train(backend, monkeypatch, steps=5):
+def train(backend, monkeypatch, device, steps=5):
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend)
     torch.manual_seed(0)
-    embed = torch.nn.Embedding(V, H)
-    head = torch.nn.Linear(H, V, bias=False)
+    embed = torch.nn.Embedding(V, H).to(device)
+    head = torch.nn.Linear(H, V, bias=False).to(device)
     opt = torch.optim.AdamW([*embed.parameters(), *head.parameters()], lr=0.05)
-    tokens, mask, scores = rollout()
+    tokens, mask, scores = (t.to(device) for t in rollout())
     # the "context" of token t is the token before it (a bigram policy), the first sees token 0
-    context = torch.cat([torch.zeros(B, 1, dtype=torch.long), tokens[:, :-1]], dim=1)
+    context = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), tokens[:, :-1]], dim=1)
     labels = tokens.masked_fill(~mask, -100)
 
     def logprobs():
@@ -56,9 +56,9 @@ def train(backend, monkeypatch, steps=5):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_grpo_steps_agree_across_backends_and_decrease_the_loss(monkeypatch):
-    hist_torch, params_torch = train("torch", monkeypatch)
-    hist_triton, params_triton = train("triton", monkeypatch)
+def test_grpo_steps_agree_across_backends_and_decrease_the_loss(monkeypatch, device):
+    hist_torch, params_torch = train("torch", monkeypatch, device)
+    hist_triton, params_triton = train("triton", monkeypatch, device)
     for step, ((l_a, m_a), (l_b, m_b)) in enumerate(zip(hist_torch, hist_triton)):
         assert_close(l_b, l_a, torch.float32, f"loss at step {step}", scale=10)
         for name in m_a:

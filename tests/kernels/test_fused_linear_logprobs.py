@@ -22,6 +22,10 @@ def make_inputs(N, H, V, dtype, device, seed=0):
     return hidden, weight, bias, labels.to(device)
 
 
+# measured: bf16 <= 3.0e-3, fp16 <= 4.5e-4 over these shapes
+NORMWISE_GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("with_bias, temperature", [(True, 0.7), (False, 1.0)])
@@ -50,7 +54,15 @@ def test_fused_linear_logprobs_matches_float64(backend, device, shape, dtype, wi
     names = ("dhidden", "dweight", "dbias") if with_bias else ("dhidden", "dweight")
     for name, ours, gold in zip(names, leaves, gold_leaves):
         assert ours.grad.dtype == dtype
-        assert_close(ours.grad, gold.grad, dtype, name, scale=5)
+        if dtype == torch.float32:
+            assert_close(ours.grad, gold.grad, dtype, name, scale=5)
+        else:
+            # bf16/fp16 weights: the logit gradient is rounded to the weight's dtype before the two backward GEMMs
+            # (as plain bf16 autograd and TRL do; cuBLAS wants both operands in one dtype). dhidden = dz @ W sums V
+            # terms that cancel (sum(dz) = 0), so single elements can be far off in relative terms while the
+            # tensor is right: compare norm-wise, at the precision of the dtype (METHOD: bf16 1e-3 .. 1e-2).
+            err, ref = float((ours.grad.double() - gold.grad).norm()), float(gold.grad.norm())
+            assert err <= NORMWISE_GRAD_TOL[dtype] * ref, f"{name} ({dtype}): norm-wise relative error {err / ref:.3g}"
     if not with_bias:
         assert b.grad is None
     if N > 2:

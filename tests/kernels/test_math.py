@@ -35,7 +35,8 @@ def test_math_helpers_match_float64(device):
     x64, y64 = x.double(), y.double()
     gold = (torch.log1p(y64), torch.nn.functional.logsigmoid(x64), torch.sigmoid(x64))
     for name, got, exp in zip(("log1p", "logsigmoid", "sigmoid"), out.split(n), gold):
-        # a few float32 ulps relative (Goldberg's log1p: <= 5 ulps), tiny absolute floor for subnormal results
-        bad = (got - exp).abs() > 4e-7 * exp.abs() + 1e-43
+        # a few float32 ulps relative (Goldberg's log1p: <= 5 ulps; the GPU's exp/log add ~2 ulps: logsigmoid(15)
+        # was 6.1e-7 off on an H100), tiny absolute floor for subnormal results
+        bad = (got - exp).abs() > 1e-6 * exp.abs() + 1e-43
         assert not bad.any(), f"{name}: at {x[bad].tolist() if name != 'log1p' else y[bad].tolist()} " \
                               f"got {got[bad].tolist()}, expected {exp[bad].tolist()}"

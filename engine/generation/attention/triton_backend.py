@@ -44,6 +44,9 @@ from kernels._backend import HAS_TRITON, interpreting, tl, triton
 MAX_HEAD_DIM = 256
 DOT_MIN_GROUP = 4  # G >= this uses tl.dot (rows padded to 16); smaller groups a broadcast multiply-reduce
 _MAX_BLOCK_H = 16  # query rows per program (the tl.dot minimum); larger groups take several programs per kv head
+# Query rows per program of the broadcast path. On an H100 (triton 3.6) a 16-row float32 broadcast-multiply-reduce
+# came out 6e-4 off (relative; tf32-like, as if lowered to a tensor-core dot) while 8 rows matched to 1e-6.
+_MAX_BROADCAST_H = 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT = 256  # heuristic splits hold at least this many tokens (shorter ones cost more in the merge than they save)
@@ -187,7 +190,7 @@ def decode_tiles(G: int, D: int, cache_dtype: torch.dtype = torch.bfloat16, *, d
     interpret = interpreting() if interpret is None else interpret
     is_dot = G >= dot_min_group
     block_d = max(16, triton.next_power_of_2(D))
-    block_h = _MAX_BLOCK_H if is_dot else min(triton.next_power_of_2(G), _MAX_BLOCK_H)
+    block_h = _MAX_BLOCK_H if is_dot else min(triton.next_power_of_2(G), _MAX_BROADCAST_H)
     num_warps = 4
     if interpret:  # small tiles so that the tests cross tile, block and split boundaries
         block_n = 16 if is_dot else 4

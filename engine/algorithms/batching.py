@@ -34,8 +34,9 @@ class TokenBatch:
         """Response tokens in the batch (host-side count)."""
         return int(self.response_mask.sum())
 
-    def rows(self, sl: slice) -> TokenBatch:
-        """The micro-batch of rows ``sl`` (views; the padded length ``T`` of the whole batch is kept)."""
+    def rows(self, sl: slice | torch.Tensor) -> TokenBatch:
+        """The micro-batch of rows ``sl``: a slice (views) or a LongTensor of row indices (copies, in that order); the
+        padded length ``T`` of the whole batch is kept."""
         return TokenBatch(*(t[sl] for t in (self.input_ids, self.attention_mask, self.response_index, self.labels,
                                              self.response_mask)))
 
@@ -62,6 +63,22 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
         labels[b, :len(r)] = torch.tensor(r, dtype=torch.long)
     return TokenBatch(input_ids.to(device), attention.to(device), index.to(device), labels.to(device),
                       (labels != -100).to(device))
+
+
+def make_pair_batch(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+                    device) -> TokenBatch:
+    """A ``TokenBatch`` of ``2B`` rows for ``B`` preference pairs, so that one forward pass scores both halves.
+
+    Rows ``0 .. B-1`` are ``prompts[i] + chosen[i]``, rows ``B .. 2B-1`` are ``prompts[i] + rejected[i]``
+    (``make_batch`` on the concatenated lists, so both halves share the padded lengths ``L`` and ``T``): row ``i`` and
+    row ``B + i`` are the two sides of pair ``i``. Raises ``ValueError`` for lists of different lengths, ``B == 0``,
+    or an empty prompt."""
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"prompts, chosen and rejected must pair up, got {len(prompts)}, {len(chosen)} and "
+                         f"{len(rejected)}")
+    if len(prompts) == 0:
+        raise ValueError("make_pair_batch needs at least one pair, got none")
+    return make_batch(list(prompts) + list(prompts), list(chosen) + list(rejected), pad_id, device)
 
 
 def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple[float, bool]:

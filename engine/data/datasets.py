@@ -2,11 +2,13 @@
 
 Columns follow TRL's conventions: ``prompt`` (a string or a list of chat messages) for RL, plus whatever columns the
 reward functions read (``answer``, ...). Local formats need nothing beyond the standard library except Parquet
-(``pyarrow``); Hub datasets need the ``datasets`` package, which is optional.
+(``pyarrow``); Hub datasets need the ``datasets`` package, which is optional. JSON and JSON Lines files may be
+gzip-compressed (``.jsonl.gz``, ``.json.gz``, as Anthropic's HH-RLHF ships) and are decompressed while reading.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from itertools import islice
@@ -14,12 +16,30 @@ from pathlib import Path
 from typing import Any
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")
+_GZ_SUFFIXES = (".jsonl.gz", ".json.gz")  # gzip-compressed text formats: the suffix before ".gz" is the format
+_ALL_SUFFIXES = _SUFFIXES + _GZ_SUFFIXES
 _JSON_LIST_KEYS = ("data", "train", "records", "rows", "examples")  # where a .json dict may keep its rows
 
 
+def _file_suffix(path: Path) -> str:
+    """The lower-cased format suffix of ``path``, with ``".gz"`` kept: ``".jsonl"``, ``".jsonl.gz"``, ``".csv"``."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return Path(name[:-3]).suffix + ".gz"
+    return Path(name).suffix
+
+
+def _open_text(path: Path):
+    """``path`` opened for reading UTF-8 text, decompressing it when its name ends in ``.gz``."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSON Lines file, one object per non-blank line. Raises ``ValueError`` naming the line."""
-    with path.open(encoding="utf-8") as f:
+    """Rows of a JSON Lines file (gzip-compressed or not), one object per non-blank line. Raises ``ValueError``
+    naming the line."""
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -36,7 +56,8 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 def _read_json(path: Path, split: str | None) -> list[Any]:
     """Rows of a ``.json`` file: a list of records, a dict holding one (under ``split``, ``"data"``, ``"train"``,
     ... or its only list value), or JSON Lines saved as ``.json`` (as ``datasets``' json loader accepts)."""
-    text = path.read_text(encoding="utf-8")
+    with _open_text(path) as f:
+        text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -80,36 +101,39 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path, split: str | None, limit: int | None) -> list[dict[str, Any]]:
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = list(islice(_iter_jsonl(path), limit))
-    elif suffix == ".json":
-        rows = _read_json(path, split)
-    elif suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(_SUFFIXES)}")
+    suffix = _file_suffix(path)
+    try:
+        if suffix in (".jsonl", ".jsonl.gz"):
+            rows = list(islice(_iter_jsonl(path), limit))
+        elif suffix in (".json", ".json.gz"):
+            rows = _read_json(path, split)
+        elif suffix == ".parquet":
+            rows = _read_parquet(path)
+        else:
+            raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(_ALL_SUFFIXES)}")
+    except (gzip.BadGzipFile, EOFError) as err:  # EOFError: a gzip stream cut short
+        raise ValueError(f"{path}: not a valid gzip file ({err})") from None
     if not rows and limit != 0:
         raise ValueError(f"{path}: the file holds no records")
     return rows
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:
-    """The files of ``split`` in ``directory``: ``<split>.jsonl|.json|.parquet``, or the Hub's shards
-    ``<split>-00000-of-00002.parquet`` (also in a ``data/`` subfolder), sorted."""
+    """The files of ``split`` in ``directory``: ``<split>.jsonl|.json|.parquet|.jsonl.gz|.json.gz``, or the Hub's
+    shards ``<split>-00000-of-00002.parquet`` (also in a ``data/`` subfolder), sorted."""
     for folder in (directory, directory / "data"):
-        for suffix in _SUFFIXES:
+        for suffix in _ALL_SUFFIXES:
             single = folder / f"{split}{suffix}"
             if single.is_file():
                 return [single]
-        shards = sorted(p for p in folder.glob(f"{split}-*") if p.suffix.lower() in _SUFFIXES and p.is_file())
+        shards = sorted(p for p in folder.glob(f"{split}-*") if _file_suffix(p) in _ALL_SUFFIXES and p.is_file())
         if shards:
             return shards
     return []
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.lower().endswith(_SUFFIXES) or "\\" in source
+    return source.startswith((".", "/", "~")) or source.lower().endswith(_ALL_SUFFIXES) or "\\" in source
 
 
 def load_records(source: str | Path, *, split: str | None = None, limit: int | None = None,
@@ -122,21 +146,26 @@ def load_records(source: str | Path, *, split: str | None = None, limit: int | N
             - a ``.json`` file: a list of objects, or an object holding that list under ``split``, ``"data"``,
               ``"train"``, ``"records"``, ``"rows"``, ``"examples"`` or its only list-valued key (JSON Lines in a
               ``.json`` file are read too);
+            - a ``.jsonl.gz`` or ``.json.gz`` file: the same, gzip-compressed (the suffix before ``.gz`` names the
+              format; a ``.jsonl.gz`` file is decompressed as it is read, so ``limit`` stops early there too);
             - a ``.parquet`` file (needs ``pyarrow``, or ``pandas`` with a Parquet engine);
-            - a directory holding ``<split>.jsonl`` / ``.json`` / ``.parquet`` or Hub-style shards
+            - a directory holding ``<split>.jsonl`` / ``.json`` / ``.parquet`` (or ``.jsonl.gz`` / ``.json.gz``) or
+              Hub-style shards
               ``<split>-*.parquet`` (directly or under ``data/``);
             - otherwise a Hugging Face dataset name (``"openai/gsm8k"``), read with
               ``datasets.load_dataset(source, split=split, **load_dataset_kwargs)`` (pass ``name="main"`` for a
               config) when the ``datasets`` package is installed.
         split: the split of a directory, a ``.json`` object or a Hub dataset (default ``"train"``); ignored for
-            ``.jsonl`` and ``.parquet`` files, which hold one split.
-        limit: keep the first ``limit`` rows (``None``: all). A ``.jsonl`` file is read only that far.
+            ``.jsonl`` (``.jsonl.gz``) and ``.parquet`` files, which hold one split.
+        limit: keep the first ``limit`` rows (``None``: all). A ``.jsonl`` (``.jsonl.gz``) file is read only that
+            far.
 
     Raises:
         FileNotFoundError: a path (absolute, relative with ``./``, or ending in a known suffix) that does not exist,
             or a directory without files for ``split`` (the message lists what it looked for).
         ValueError: an empty file or one without records, a malformed JSON line (its number is named), a row that
-            is not an object, an unsupported suffix, a negative ``limit``.
+            is not an object, an unsupported suffix (``.parquet.gz`` included), a ``.gz`` file that is not valid
+            gzip, a negative ``limit``.
         ImportError: Parquet without ``pyarrow``/``pandas``, or a Hub name without ``datasets`` (the message says
             to install it or to pass a local file).
     """
@@ -149,9 +178,9 @@ def load_records(source: str | Path, *, split: str | None = None, limit: int | N
     if path.is_dir():
         files = _split_files(path, split or "train")
         if not files:
-            raise FileNotFoundError(f"{path}: no file for split {split or 'train'!r} (looked for "
-                                    f"{split or 'train'}{{{','.join(_SUFFIXES)}}} and {split or 'train'}-*.parquet, "
-                                    f"also under data/)")
+            name = split or "train"
+            raise FileNotFoundError(f"{path}: no file for split {name!r} (looked for {name}{{{','.join(_ALL_SUFFIXES)}}}"
+                                    f" and {name}-*.parquet, also under data/)")
         rows: list[dict[str, Any]] = []
         for file in files:
             rows.extend(_read_file(file, split, None if limit is None else limit - len(rows)))

@@ -1,6 +1,7 @@
 """engine.data: load_records (jsonl/json/directories, errors), GSM8K conversion, prompt formatting, the arithmetic
 task (determinism, disjoint splits, correct answers, SFT targets) and its character-level tokenizer."""
 
+import gzip
 import json
 import operator
 import re
@@ -26,6 +27,7 @@ from engine.data import (
 from engine.rewards import accuracy_reward, format_reward
 
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
+HH_TEST = Path("/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
 
 GSM8K_SAMPLE = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
@@ -108,6 +110,50 @@ def test_load_directory_splits(tmp_path):
     _write_jsonl(shards / "train-00000-of-00002.jsonl", [{"x": 10}, {"x": 11}])
     assert load_records(tmp_path / "hub") == [{"x": 10}, {"x": 11}, {"x": 12}]  # shards in order
     assert load_records(tmp_path / "hub", limit=2) == [{"x": 10}, {"x": 11}]
+
+
+def test_load_gzip(tmp_path):
+    rows = [{"chosen": f"c{i}", "rejected": f"r{i}"} for i in range(4)]
+    path = tmp_path / "pairs.JSONL.gz"  # the suffix is matched case-insensitively
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    assert load_records(path) == rows
+    assert load_records(str(path), limit=3) == rows[:3]
+    with gzip.open(tmp_path / "d.json.gz", "wt", encoding="utf-8") as f:
+        json.dump({"test": rows[:1], "train": rows}, f)
+    assert load_records(tmp_path / "d.json.gz") == rows
+    assert load_records(tmp_path / "d.json.gz", split="test") == rows[:1]
+    with gzip.open(tmp_path / "lines.json.gz", "wt", encoding="utf-8") as f:  # JSON Lines named .json.gz
+        f.write("\n".join(json.dumps(r) for r in rows))
+    assert load_records(tmp_path / "lines.json.gz") == rows
+    split_dir = tmp_path / "hh"
+    split_dir.mkdir()
+    (split_dir / "test.jsonl.gz").write_bytes(path.read_bytes())  # the Hub's HH-RLHF layout
+    assert load_records(split_dir, split="test") == rows
+    # errors: a missing .gz path is a path, not a Hub name; not gzip; a gzipped format we do not read
+    with pytest.raises(FileNotFoundError, match="missing.jsonl.gz: no such file"):
+        load_records("missing.jsonl.gz")
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="plain.jsonl.gz: not a valid gzip file"):
+        load_records(tmp_path / "plain.jsonl.gz")
+    (tmp_path / "cut.jsonl.gz").write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(ValueError, match="cut.jsonl.gz: not a valid gzip file"):
+        load_records(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b"a,b\n1,2\n"))
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv\.gz'"):
+        load_records(tmp_path / "d.csv.gz")
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n{"a": \n'))
+    with pytest.raises(ValueError, match="bad.jsonl.gz: line 2 is not valid JSON"):
+        load_records(tmp_path / "bad.jsonl.gz")
+
+
+@pytest.mark.skipif(not HH_TEST.is_file(), reason=f"{HH_TEST} not present")
+def test_load_real_hh_gzip():
+    rows = load_records(HH_TEST)
+    assert len(rows) == 2312
+    assert all(set(r) == {"chosen", "rejected"} for r in rows)
+    assert rows[0]["chosen"].startswith("\n\nHuman: ")
+    assert load_records(str(HH_TEST), limit=5) == rows[:5]
 
 
 def test_parquet_without_pyarrow(tmp_path, monkeypatch):

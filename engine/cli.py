@@ -1,4 +1,4 @@
-"""Command-line entry point: ``rlhf-engine {demo,sft,grpo,generate,plot,env,bench}``.
+"""Command-line entry point: ``rlhf-engine {demo,sft,grpo,rm,dpo,ppo,generate,plot,env,bench}``.
 
 Training commands take ``--config file.yaml`` plus dotted overrides (``optim.lr=1e-5 trainer.max_steps=50``); the
 resolved config is written into the run directory."""
@@ -40,16 +40,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(kind: str):
     def run(args: argparse.Namespace) -> int:
-        from engine.config import GRPORunConfig, SFTRunConfig, load_config
+        from engine import config as C
 
         if kind == "sft":
             from engine.sft_trainer import SFTTrainer as Trainer
-
-            cfg = load_config(SFTRunConfig, args.config, args.overrides)
-        else:
+        elif kind == "grpo":
             from engine.trainer import GRPOTrainer as Trainer
-
-            cfg = load_config(GRPORunConfig, args.config, args.overrides)
+        elif kind == "ppo":
+            from engine.ppo_trainer import PPOTrainer as Trainer
+        elif kind == "rm":
+            from engine.pair_trainers import RewardModelTrainer as Trainer
+        else:
+            from engine.pair_trainers import DPOTrainer as Trainer
+        run_config = {"sft": C.SFTRunConfig, "grpo": C.GRPORunConfig, "ppo": C.PPORunConfig,
+                      "rm": C.RewardModelRunConfig, "dpo": C.DPORunConfig}[kind]
+        cfg = C.load_config(run_config, args.config, args.overrides)
         metrics = Trainer(cfg).train()
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
         return 0
@@ -88,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(demo)
     demo.set_defaults(fn=_demo)
-    for kind in ("sft", "grpo"):
-        p = sub.add_parser(kind, help=f"{kind.upper()} training from --config and dotted overrides")
+    helps = {"sft": "supervised fine-tuning", "grpo": "GRPO with rule rewards", "rm": "a Bradley-Terry reward model "
+             "on preference pairs", "dpo": "DPO on preference pairs", "ppo": "PPO with a critic against a reward model"}
+    for kind, text in helps.items():
+        p = sub.add_parser(kind, help=f"{text}, from --config and dotted overrides")
         p.add_argument("--config", default=None, help="YAML/JSON config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
         p.set_defaults(fn=_train(kind))

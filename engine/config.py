@@ -496,6 +496,9 @@ class PairTrainingConfig(Section):
     ``data.max_prompt_tokens``, from the left)."""
     eval_batch_size: int = 64
     """Pairs per forward pass when scoring the held-out split."""
+    allow_empty_response: bool = False
+    """Accept pairs whose chosen or rejected response is empty or whitespace only (Anthropic HH has 4 where saying
+    nothing was preferred); false raises on them, naming the record."""
 
     def validate(self) -> None:
         """Positive counts and sizes."""

@@ -1,5 +1,6 @@
 """From a ``DataConfig`` to tokenized training/evaluation examples: the built-in arithmetic task or a dataset
-(GSM8K-style ``question``/``answer`` rows are recognised), prompt templates, and SFT target completions.
+(GSM8K-style ``question``/``answer`` rows and chosen/rejected preference pairs are recognised: a pair gives its
+prompt, and its chosen response as the SFT completion), prompt templates, and SFT target completions.
 
 Sources (``data.train``): ``builtin:arithmetic[:DIGITS[:OPS[:STYLE]]]`` (e.g. ``builtin:arithmetic:3:+-:reverse``;
 STYLE is the SFT target format of ``engine.data.arithmetic_sft_completion``; operands are zero-padded to DIGITS), or
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from engine.data import RAW_TEMPLATE, arithmetic_sft_completion, arithmetic_splits, format_prompt, load_records
 from engine.data.gsm8k import to_prompt_record
+from engine.data.preferences import to_preference_pairs
 
 _BUILTIN = re.compile(r"^builtin:arithmetic(?::(\d+))?(?::([+\-*]+))?(?::(answer|echo|reverse))?$")
 _GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
@@ -43,7 +45,21 @@ def _sft_completion(record: dict) -> str | None:
     return None
 
 
-def _normalise(rows: list[dict], prompt_field: str, answer_field: str) -> list[dict]:
+def _from_preferences(rows: list[dict], source: str) -> list[dict]:
+    """Preference pairs (``chosen``/``rejected``, TRL's formats) as prompt records: the prompt, the chosen response
+    as the SFT ``completion``, and the ``rejected`` response. Empty responses are accepted here (SFT on an empty
+    chosen response teaches the model to stop)."""
+    out = []
+    for pair in to_preference_pairs(rows, source=source, allow_empty_response=True):
+        completion = pair.chosen if isinstance(pair.chosen, str) else "".join(m["content"] for m in pair.chosen)
+        out.append({**pair.record, "prompt": pair.prompt, "completion": completion, "answer": None,
+                    "rejected": pair.rejected})
+    return out
+
+
+def _normalise(rows: list[dict], prompt_field: str, answer_field: str, source: str = "data") -> list[dict]:
+    if rows and {"chosen", "rejected"} <= set(rows[0]) and (prompt_field == "prompt" or prompt_field not in rows[0]):
+        return _from_preferences(rows, source)
     out = []
     for row in rows:
         if "question" in row and "####" in str(row.get("answer", "")):  # GSM8K
@@ -66,11 +82,11 @@ def load_task(data, *, limit_train: int | None = None) -> tuple[list[dict], list
             r["completion"] = arithmetic_sft_completion(r, style=style, width=digits + 1 if "*" not in ops else None)
         return train, held_out, True
     train = _normalise(load_records(data.train, split="train", limit=limit_train), data.prompt_field,
-                       data.answer_field)
+                       data.answer_field, data.train)
     eval_source = data.eval or (data.train if Path(data.train).is_dir() else None)
     if eval_source is not None:  # num_eval=0: every evaluation record
         held_out = _normalise(load_records(eval_source, split="test", limit=data.num_eval or None),
-                              data.prompt_field, data.answer_field)
+                              data.prompt_field, data.answer_field, eval_source)
     elif data.num_eval:
         held_out, train = train[-data.num_eval:], train[:-data.num_eval]
     else:  # no evaluation source and nothing to carve out of the training rows

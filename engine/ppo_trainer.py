@@ -1,0 +1,251 @@
+"""Classic RLHF with PPO (Ouyang et al. 2022, InstructGPT): ``PPOTrainer.train_step`` reads as its phases:
+
+    rollout (the Generator, on the actor's weights) -> scores (frozen reward model, or rule rewards)
+    -> token rewards (score at the last token minus kl_coef * KL to the reference) -> values (critic) -> GAE
+    -> ppo_epochs x mini-batches of clipped policy and value updates -> KL controller -> metrics
+
+The reference is the initial policy (copied before a checkpoint is loaded). The critic starts from the reward model
+(InstructGPT, OpenRLHF) when it shares the policy's vocabulary, else from the policy's body with a fresh value head;
+it has its own AdamW (``ppo.critic_lr``) and is checkpointed under ``critic/`` beside the actor. Metrics use veRL's
+names (``critic/vf_loss``, ``critic/advantages/mean``, ``actor/pg_clipfrac``, ``actor/ppo_kl``, ...) plus ``reward``
+(the mean score) and ``kl`` (the mean per-sequence KL to the reference, nats).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from types import SimpleNamespace
+
+import torch
+
+from engine.algorithms import (
+    AdaptiveKLController,
+    FixedKLController,
+    critic_values,
+    gae_advantages,
+    make_batch,
+    ppo_epochs,
+    response_logprobs,
+    token_level_rewards,
+)
+from engine.generation import Generator, SamplingParams
+from engine.models.value_model import load_value_model, sequence_scores, value_model_from_causal_lm
+from engine.optim import make_optimizer, make_scheduler
+from engine.pair_trainers import load_reward_model
+from engine.rewards import compute_rewards, load_reward
+from engine.trainer import BaseTrainer, resolve_model_dir
+
+
+def _same_vocab(a, b) -> bool:
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` ``[B, L]`` int64."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class PPOTrainer(BaseTrainer):
+    """PPO with a critic and GAE against a frozen reward model or rule rewards (``cfg``: a ``PPORunConfig``)."""
+
+    kind = "ppo"
+
+    def __init__(self, cfg, *, model=None, tokenizer=None):
+        if cfg.generation.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 for PPO, got {cfg.generation.temperature}: the "
+                             "policy gradient needs samples from the policy")
+        self.reward_model = None
+        super().__init__(cfg, model=model, tokenizer=tokenizer)
+        g, p = cfg.generation, cfg.ppo
+        self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
+                                   attention_backend=g.attention_backend,
+                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
+        self.eval_max_tokens = g.max_tokens
+        self.reward_fns = [load_reward(spec) for spec in p.rewards]
+        kl_value = self.state.get("kl_coef", p.kl_coef)  # a resumed run continues the adapted coefficient
+        self.kl_ctl = (AdaptiveKLController(kl_value, p.target_kl, p.kl_horizon) if p.adaptive_kl
+                       else FixedKLController(kl_value))
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def before_resume(self) -> None:
+        p = self.cfg.ppo
+        dtype = next(self.model.parameters()).dtype
+        self.ref_model = None
+        if p.kl_coef > 0 or p.adaptive_kl:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if p.reward_model:
+            self.reward_model, self.rm_tokenizer = load_reward_model(p.reward_model, self.device, dtype)
+            self.rm_same_vocab = _same_vocab(self.rm_tokenizer, self.tokenizer)
+        self.critic = self._build_critic(dtype)
+        critic_optim = dataclasses.replace(self.cfg.optim, lr=p.critic_lr)
+        self.critic_optimizer = make_optimizer(self.critic, critic_optim)
+        self.critic_scheduler = make_scheduler(self.critic_optimizer, critic_optim, self.total_steps)
+        self.state["kl_coef"] = p.kl_coef
+
+    def _build_critic(self, dtype: torch.dtype):
+        p = self.cfg.ppo
+        if p.critic_path:
+            return load_value_model(resolve_model_dir(p.critic_path), dtype=dtype, device=self.device).train()
+        if self.reward_model is not None and self.rm_same_vocab:
+            return copy.deepcopy(self.reward_model).requires_grad_(True).train()
+        if self.reward_model is not None:
+            print("[rlhf-engine] the reward model's tokenizer differs from the policy's: the critic starts from the "
+                  "policy's body with a fresh value head")
+        return value_model_from_causal_lm(self.model, seed=self.cfg.trainer.seed)
+
+    def checkpoint_components(self) -> dict:
+        return {"critic": {"model": self.critic, "optimizer": self.critic_optimizer,
+                           "scheduler": self.critic_scheduler}}
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def rollout(self, examples: list, step: int, *, temperature: float | None = None) -> tuple[list, list]:
+        """``num_generations`` completions per prompt; returns (examples repeated per sample, completions)."""
+        g, n = self.cfg.generation, self.cfg.ppo.num_generations
+        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
+        params = [SamplingParams(n=n, temperature=g.temperature if temperature is None else temperature,
+                                 top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_tokens, seed=base + i)
+                  for i in range(len(examples))]
+        was_training = self.model.training
+        self.model.eval()
+        outs = self.generator.generate([e.prompt_ids for e in examples], params)
+        self.model.train(was_training)
+        per_sample = [e for e in examples for _ in range(n)]
+        return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+
+    @torch.no_grad()
+    def score(self, examples: list, completions: list) -> tuple[torch.Tensor, dict[str, float]]:
+        """``[B]`` float32 scores on the device (reward model or rule rewards, then the EOS penalty and the clip)."""
+        p = self.cfg.ppo
+        extra: dict[str, float] = {}
+        if self.reward_model is not None:
+            if self.rm_same_vocab:
+                rows = [e.prompt_ids + list(c.token_ids) for e, c in zip(examples, completions)]
+            else:  # another tokenizer: score the text, with the reward model's EOS when the completion stopped
+                eos = [self.rm_tokenizer.eos_token_id] if self.rm_tokenizer.eos_token_id is not None else []
+                rows = [self.rm_tokenizer.encode(e.prompt_text + self.tokenizer.decode(c.token_ids,
+                                                 skip_special_tokens=True), add_special_tokens=False)
+                        + (eos if c.finish_reason == "stop" else []) for e, c in zip(examples, completions)]
+            pad = self.rm_tokenizer.pad_token_id or 0
+            chunks = []
+            for s in range(0, len(rows), 64):
+                ids, mask = _pad(rows[s:s + 64], pad, self.device)
+                with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                    enabled=self.autocast is not None):
+                    chunks.append(sequence_scores(self.reward_model, ids, mask).float())
+            scores = torch.cat(chunks)
+        else:
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            columns = {k: [e.record.get(k) for e in examples] for k in examples[0].record if k != "prompt"}
+            totals, per_fn = compute_rewards(self.reward_fns, p.reward_weights, [e.record["prompt"] for e in examples],
+                                             texts, columns)
+            scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
+            extra = {f"rewards/{name}/mean": float(torch.tensor([v for v in vals if v is not None] or [float("nan")])
+                                                   .mean()) for name, vals in per_fn.items()}
+        if p.missing_eos_penalty is not None:
+            truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=self.device)
+            scores = scores - p.missing_eos_penalty * truncated.float()
+        if p.reward_clip is not None:
+            scores = scores.clamp(-p.reward_clip, p.reward_clip)
+        return scores, extra
+
+    @torch.no_grad()
+    def _old_ref_values(self, batch, rollout_lp):
+        """Old log-probs (the generator's unless truncated sampling or rollout-IS asks for the trainer's), reference
+        log-probs, and the critic's values of the rollout."""
+        g = self.cfg.generation
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            recompute = g.top_p < 1.0 or g.top_k > 0 or self.cfg.ppo.rollout_is is not None
+            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
+            ref = None if self.ref_model is None else response_logprobs(self.ref_model, batch,
+                                                                        temperature=g.temperature)
+            values = critic_values(self.critic, batch)
+        mask = batch.response_mask
+        return old.float() * mask, None if ref is None else ref.float() * mask, values.float() * mask
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, p, g = self.cfg, self.cfg.ppo, self.cfg.generation
+        t0 = time.perf_counter()
+        examples, completions = self.rollout(self.next_examples(p.prompts_per_step), step)
+        t_gen = time.perf_counter() - t0
+        scores, reward_metrics = self.score(examples, completions)
+
+        t1 = time.perf_counter()
+        batch = make_batch([e.prompt_ids for e in examples], [list(c.token_ids) for c in completions],
+                           self.tokenizer.pad_token_id or 0, self.device)
+        mask = batch.response_mask
+        rollout_lp = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
+        for b, c in enumerate(completions):
+            rollout_lp[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        old_lp, ref_lp, values = self._old_ref_values(batch, rollout_lp)
+        kl_coef = self.kl_ctl.value
+        token_rewards, _ = token_level_rewards(scores, mask, logprobs=old_lp, ref_logprobs=ref_lp,
+                                               kl_coef=0.0 if p.use_kl_loss else kl_coef,
+                                               kl_estimator=p.kl_estimator)
+        advantages, returns = gae_advantages(token_rewards, values, mask, gamma=p.gamma, lam=p.lam,
+                                             whiten=p.whiten_advantages)
+        update_cfg = SimpleNamespace(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
+        update_cfg.kl_coef = kl_coef if p.use_kl_loss else 0.0  # in the reward already, unless it is a loss term
+        shuffle = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
+        update = ppo_epochs(self.model, self.optimizer, self.critic, self.critic_optimizer, batch,
+                            old_logprobs=old_lp, advantages=advantages, old_values=values, returns=returns,
+                            ref_logprobs=ref_lp if p.use_kl_loss else None, cfg=update_cfg,
+                            temperature=g.temperature, max_grad_norm=cfg.optim.max_grad_norm,
+                            rollout_logprobs=rollout_lp, autocast_dtype=self.autocast, generator=shuffle)
+        t_update = time.perf_counter() - t1
+        stepped = update["actor/stepped"] == 1.0 and update["critic/stepped"] == 1.0
+        if stepped:
+            self.critic_scheduler.step()
+        self.record_step_outcome(stepped, {"loss": update.get("actor/pg_loss"),
+                                           "grad_norm": update.get("actor/grad_norm")})
+
+        # the KL to the reference per sequence (k1 summed over the response, nats): the controller's input
+        kl_seq = ((old_lp - ref_lp) * mask).sum(-1).mean().item() if ref_lp is not None else 0.0
+        self.kl_ctl.update(kl_seq, len(completions))
+        self.state["kl_coef"] = self.kl_ctl.value
+        n_tok = mask.sum(-1).float()
+        masked = lambda t: (t * mask).sum() / mask.sum().clamp_min(1)  # a token mean
+        diff = (old_lp - rollout_lp).abs() * mask
+        return {
+            "reward": scores.mean().item(),
+            **reward_metrics,
+            "kl": kl_seq,
+            "kl_coef": kl_coef,
+            "critic/score/mean": scores.mean().item(),
+            "critic/rewards/mean": (token_rewards * mask).sum(-1).mean().item(),
+            "critic/advantages/mean": masked(advantages).item(),
+            "critic/advantages/max": advantages.masked_fill(~mask, float("-inf")).max().item(),
+            "critic/advantages/min": advantages.masked_fill(~mask, float("inf")).min().item(),
+            "critic/returns/mean": masked(returns).item(),
+            "critic/values/mean": masked(values).item(),
+            **update,
+            "response_length/mean": n_tok.mean().item(),
+            "response_length/clip_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "sampling/logp_diff_mean": (diff.sum() / mask.sum().clamp_min(1)).item(),
+            "perf/tokens_per_sec": float(n_tok.sum()) / max(t_gen + t_update, 1e-9),
+            "perf/time/generate": t_gen,
+            "perf/time/update": t_update,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """With a reward model: the mean score of sampled completions of the held-out prompts (``eval/reward``, at
+        the rollout temperature, one sample each, fixed seeds) and their length. Rule rewards: accuracy/format."""
+        if not self.eval_examples:
+            return {}
+        if self.reward_model is None:
+            return super().evaluate()
+        examples, completions = self.rollout(self.eval_examples, 10**6)  # seeds apart from the training steps
+        examples, completions = examples[::self.cfg.ppo.num_generations], completions[::self.cfg.ppo.num_generations]
+        scores, _ = self.score(examples, completions)
+        return {"eval/reward": scores.mean().item(),
+                "eval/mean_length": sum(len(c.token_ids) for c in completions) / len(completions)}
+
+
+__all__ = ["PPOTrainer"]

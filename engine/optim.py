@@ -39,3 +39,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
                                        schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio))
+
+
+def sync_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each param group's lr to what ``scheduler`` gives at its current step. After a resume the optimizer
+    holds the lr saved by the old run, whose schedule may have had another length (a run extended from 2 to 4 steps
+    would otherwise take its third step at the old schedule's final lr)."""
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)

@@ -35,7 +35,7 @@ from engine.evaluation import evaluate_accuracy
 from engine.generation import Generator, SamplingParams
 from engine.metrics import MetricsLogger
 from engine.models import load_policy, tiny_model, train_bpe_tokenizer
-from engine.optim import make_optimizer, make_scheduler
+from engine.optim import make_optimizer, make_scheduler, sync_lr
 from engine.rewards import compute_rewards, load_reward
 from engine.tasks import load_task, tokenize
 
@@ -167,6 +167,10 @@ class BaseTrainer:
                                      components=self.checkpoint_components())
             self.state.update(loaded["trainer_state"])
             restore_rng_state(loaded["rng_state"])
+            for opt, sched in [(self.optimizer, self.scheduler)] + [
+                    (c["optimizer"], c["scheduler"]) for c in self.checkpoint_components().values()
+                    if c.get("optimizer") is not None and c.get("scheduler") is not None]:
+                sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
             print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
 
     # ------------------------------------------------------------------------------------------------ set-up hooks

@@ -151,6 +151,21 @@ DPO = [*COMMON, "data.num_eval=40", "optim.lr=3e-3", "dpo.batch_size=16", "dpo.m
        "dpo.beta=0.1"]
 
 
+def test_resume_with_a_longer_run_uses_the_new_schedule(tmp_path):
+    # the optimizer's saved lr belongs to the old (2-step) schedule, which had decayed to 0: after the resume the
+    # lr must be the 4-step schedule's value at step 2
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, n=48)
+    args = ["data.num_eval=8", "optim.schedule=linear", "rm.batch_size=8", "rm.micro_batch_size=8"]
+    rm_trainer(tmp_path / "run", data, "rm.max_steps=2", *args).train()
+    resumed = rm_trainer(tmp_path / "run", data, "rm.max_steps=4", "trainer.resume=auto", *args)
+    fresh = rm_trainer(tmp_path / "fresh", data, "rm.max_steps=4", *args)
+    fresh.scheduler.step()
+    fresh.scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+    assert resumed.optimizer.param_groups[0]["lr"] > 0
+
+
 def dpo_trainer(run_dir, data, *overrides: str) -> DPOTrainer:
     cfg = load_config(DPORunConfig, None, [f"trainer.output_dir={run_dir}", f"data.train={data}", *DPO, *overrides])
     return DPOTrainer(cfg)

@@ -110,3 +110,33 @@ def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, ret
     if return_entropy:
         return out[0].reshape(B, T), out[1].reshape(B, T)
     return out.reshape(B, T)
+
+
+@torch.no_grad()
+def map_pairs(model, pairs: list, row_fn, *, pad_id: int, device, batch_size: int = 32,
+              autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_fn(model, batch) -> [2b]`` over ``pairs`` (objects with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``;
+    ``engine.data.preferences.TokenizedPair``), ``batch_size`` pairs per ``make_pair_batch`` forward pass, under
+    autocast to ``autocast_dtype`` when given, the model in eval mode (its mode restored). Returns
+    ``(chosen [P], rejected [P])`` float32 on the CPU (two empty tensors for ``P == 0``); one host sync per batch.
+    Raises ``ValueError`` for ``batch_size < 1``. Reward-model scores and DPO reference log-probs use it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    chosen_out, rejected_out = [], []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = make_pair_batch([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
+                                    [p.rejected_ids for p in chunk], pad_id, device)
+            with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                values = row_fn(model, batch).float().cpu()
+            chosen_out.append(values[:len(chunk)])
+            rejected_out.append(values[len(chunk):])
+    finally:
+        model.train(was_training)
+    if not chosen_out:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen_out), torch.cat(rejected_out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import kernels as K
-from engine.algorithms.batching import TokenBatch, make_pair_batch, response_logprobs
+from engine.algorithms.batching import TokenBatch, map_pairs, response_logprobs
 
 
 def sequence_logprobs(model, batch: TokenBatch, *, average: bool = False) -> torch.Tensor:
@@ -44,26 +44,8 @@ def reference_logprobs(ref_model, pairs: list, *, pad_id: int, device, batch_siz
     match the training loss's). Returns ``(ref_chosen_logps [P], ref_rejected_logps [P])`` float32 on the CPU (nats);
     ``P == 0`` gives two empty tensors. The model is in eval mode during the call, its previous mode restored. One host
     sync per batch. Raises ``ValueError`` for ``batch_size < 1``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = ref_model.training
-    ref_model.eval()
-    chosen_out, rejected_out = [], []
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = make_pair_batch([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
-                                    [p.rejected_ids for p in chunk], pad_id, device)
-            with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                logps = sequence_logprobs(ref_model, batch, average=average).float().cpu()
-            chosen_out.append(logps[: len(chunk)])
-            rejected_out.append(logps[len(chunk):])
-    finally:
-        ref_model.train(was_training)
-    if not chosen_out:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen_out), torch.cat(rejected_out)
+    return map_pairs(ref_model, pairs, lambda m, b: sequence_logprobs(m, b, average=average), pad_id=pad_id,
+                     device=device, batch_size=batch_size, autocast_dtype=autocast_dtype)
 
 
 def dpo_step_loss(policy, batch: TokenBatch, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels as K
-from engine.algorithms.batching import TokenBatch, make_pair_batch
+from engine.algorithms.batching import TokenBatch, map_pairs
 from engine.models.value_model import sequence_scores
 from engine.stats import wilson_interval
 
@@ -79,27 +79,8 @@ def score_pairs(model, pairs: list, *, pad_id: int, device, batch_size: int = 32
     pass on ``device`` under autocast to ``autocast_dtype`` when given. The model is in eval mode during the call
     and its previous mode is restored. One host sync per batch (the copy to the CPU). Raises ``ValueError`` for
     ``batch_size < 1``; ``P == 0`` gives two empty tensors."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    chosen_out, rejected_out = [], []
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = make_pair_batch([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
-                                    [p.rejected_ids for p in chunk], pad_id, device)
-            with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                scores = sequence_scores(model, batch.input_ids, batch.attention_mask)
-            chosen, rejected = _split_halves(scores.float().cpu(), "score_pairs")
-            chosen_out.append(chosen)
-            rejected_out.append(rejected)
-    finally:
-        model.train(was_training)
-    if not chosen_out:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen_out), torch.cat(rejected_out)
+    return map_pairs(model, pairs, lambda m, b: sequence_scores(m, b.input_ids, b.attention_mask), pad_id=pad_id,
+                     device=device, batch_size=batch_size, autocast_dtype=autocast_dtype)
 
 
 def pairwise_metrics(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> dict[str, float]:

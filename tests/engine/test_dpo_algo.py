@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,29 +12,18 @@ import torch.nn.functional as F
 
 from engine.algorithms.batching import make_pair_batch
 from engine.algorithms.dpo import dpo_step_loss, reference_logprobs, sequence_logprobs
+from engine.data.preferences import TokenizedPair
 from engine.models import tiny_model
 
 PAD = 0
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a shared 2-core machine OpenMP spinning made the
-    training test ~40x slower (0.5 s -> 20 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@dataclass
-class Pair:
-    """Same attributes as engine.data.preferences.TokenizedPair."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+def Pair(prompt_ids, chosen_ids, rejected_ids):
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair=None)
 
 
 def make_lm(seed: int = 0):

@@ -25,13 +25,7 @@ TINY = {"vocab_size": 32, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "n
         "intermediate_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a busy 2-core machine much faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**overrides):

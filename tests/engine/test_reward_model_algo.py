@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.algorithms.batching import make_pair_batch
 from engine.algorithms.reward_model import pairwise_metrics, reward_model_loss, score_pairs
+from engine.data.preferences import TokenizedPair
 from engine.models import tiny_model
 from engine.models.value_model import value_model_from_causal_lm
 
@@ -22,23 +22,11 @@ TOKEN_GOOD, TOKEN_BAD = 5, 6  # the synthetic preference: chosen responses hold 
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a shared 2-core machine OpenMP spinning made the
-    training test ~40x slower (0.5 s -> 20 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@dataclass
-class Pair:
-    """Same attributes as engine.data.preferences.TokenizedPair."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+def Pair(prompt_ids, chosen_ids, rejected_ids):
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair=None)
 
 
 def make_rm(seed: int = 0):

@@ -33,13 +33,7 @@ COMMON = [
 LETTERS = "cefhijklmnpqrstuvwxyz"  # none of the letters of "good" and "bad"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(path, n: int = 120, seed: int = 0) -> list[dict]:

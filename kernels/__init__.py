@@ -30,6 +30,7 @@ from kernels.logprobs import (
 from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
 from kernels.reward_loss import pairwise_reward_loss, pairwise_reward_loss_ref
+from kernels.sampling import race_sample
 from kernels.value_loss import value_loss, value_loss_ref
 
 __rlhf_engine_kernels__ = True
@@ -45,6 +46,7 @@ __all__ = [
     "logprobs_from_logits_ref",
     "dpo_loss_ref",
     "pairwise_reward_loss",
+    "race_sample",
     "pairwise_reward_loss_ref",
     "discounted_returns",
     "discounted_returns_ref",

@@ -71,7 +71,7 @@ TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, 32-thread warps
 # Device functions: @triton.jit helpers called from the kernels, compiled (inlined) through them.
 DEVICE_FUNCTIONS = {
     "_math._log1p", "_math._logsigmoid", "_math._sigmoid",
-    "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean",
+    "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean", "sampling._fmix32",
 }
 
 
@@ -427,8 +427,20 @@ def attention_variants(V) -> list[Variant]:
     return rows
 
 
+def sampling_variants(V) -> list[Variant]:
+    """The fused sampler: each logits dtype, a vocabulary of one tile and of many, an int64 row stride."""
+    rows = []
+    for dt, vocab, stride in [("fp32", 151936, "i32"), ("bf16", 151936, "i32"), ("fp16", 1000, "i32"),
+                              ("bf16", 128256, "i64")]:
+        sig = {"TOKENS": "*i64", "LOGPROBS": "*fp32", "LOGITS": p(dt), "TEMPERATURE": "*fp32", "KA": "*i64",
+               "KB": "*i64", "V": "i32", "stride_s": stride}
+        const = {"U_SCALE": V.sampling._U_SCALE, "BLOCK_V": min(V.sampling.BLOCK_V, V.triton.next_power_of_2(vocab))}
+        rows.append(Variant("sampling._race_sample_kernel", f"logits={dt} V={vocab} stride={stride}", sig, const))
+    return rows
+
+
 BUILDERS = (kl_variants, logprobs_variants, loss_agg_variants, ppo_variants, value_variants, gae_variants,
-            advantages_variants, dpo_variants, reward_variants, attention_variants)
+            advantages_variants, dpo_variants, reward_variants, attention_variants, sampling_variants)
 
 
 # ------------------------------------------------------------------------------------------------------- machinery

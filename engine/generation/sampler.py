@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels._backend import use_triton
+from kernels.sampling import race_sample
+
 __all__ = ["child_seed", "make_seed", "sample", "uniform_noise"]
 
 _M32 = 0xFFFFFFFF
@@ -107,7 +110,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
         token_ids: ``(S,)`` int64. logprobs: ``(S,)`` float32, see the module docstring.
 
     Pass None for ``top_k``/``top_p`` when no row uses it (a host-side decision on the ``SamplingParams``): only
-    then is the ``(S, V)`` sort skipped. No host synchronisation; ties in the greedy argmax go to the lowest id.
+    then is the ``(S, V)`` sort skipped, and on CUDA the whole draw is one fused kernel (``kernels.race_sample``). No host synchronisation; ties in the greedy argmax go to the lowest id.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (S, V), got shape {tuple(logits.shape)}")
@@ -116,8 +119,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
                     ("positions", positions)):
         if t is not None and tuple(t.shape) != (S,):
             raise ValueError(f"{name} must have shape ({S},) like logits' rows, got {tuple(t.shape)}")
-    logits = logits.float()
     temperature = temperature.to(torch.float32)
+    if top_k is None and top_p is None and use_triton("race_sample", logits):
+        # one fused pass over the logits (kernels.sampling): the same function, without [S, V] temporaries
+        ka, kb = _row_keys(seeds.long(), positions.long())
+        return race_sample(logits if logits.stride(1) == 1 else logits.contiguous(), temperature, ka, kb)
+    logits = logits.float()
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)  # greedy rows keep their raw logits
     if top_k is None and top_p is None:

@@ -368,6 +368,10 @@ class OptimConfig(Section):
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (> 0; ``.inf`` turns clipping off but the norm is still computed for the
     non-finite check)."""
+    master_weights: bool = True
+    """For bf16/fp16 parameters (``model.dtype`` auto on CUDA): step float32 master copies and write the rounded
+    result back (``engine.optim.MasterWeightAdamW``). False steps the low-precision parameters directly, which loses
+    updates smaller than half an ulp of the weight (most of them at RL learning rates)."""
 
     def validate(self) -> None:
         """lr > 0, betas in [0, 1), eps > 0, known schedule, ratios in range."""

@@ -1,4 +1,10 @@
-"""AdamW and the learning-rate schedule (linear warmup, then constant / linear / cosine decay to ``min_lr_ratio``)."""
+"""AdamW and the learning-rate schedule (linear warmup, then constant / linear / cosine decay to ``min_lr_ratio``).
+
+Low-precision parameters (bf16/fp16, the default on CUDA, so that the generator reads the trainer's weights in the
+dtype it decodes in) get float32 master weights: ``MasterWeightAdamW`` steps float32 copies and writes the rounded
+result back. Plain AdamW on bf16 parameters loses every update smaller than half a bf16 ulp of the weight (2**-9
+relative): at RL learning rates (1e-6) that is nearly all of them, and the moments themselves would be bf16.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,84 @@ import math
 import torch
 
 
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW on float32 master copies of low-precision model parameters (mixed-precision training as in Micikevicius
+    et al. 2018 / DeepSpeed's bf16 optimizer). The model keeps its bf16/fp16 parameters (the generator and the forward
+    read them in place); ``step()`` moves their gradients into the float32 masters, runs AdamW there (float32
+    moments), and copies the result back, rounded to the parameters' dtype. ``zero_grad`` clears the model's
+    gradients too. ``state_dict()`` carries the masters (``"master_weights"``), so a resumed run continues from the
+    same float32 values, not from the rounded parameters.
+
+    Build it with the model's parameter groups, as ``torch.optim.AdamW``; float32 parameters in them are stepped
+    directly (their master is the parameter itself)."""
+
+    def __init__(self, groups: list[dict], **kwargs):
+        self._model_params: list[torch.nn.Parameter] = []
+        master_groups = []
+        for group in groups:
+            masters = []
+            for p in group["params"]:
+                self._model_params.append(p)
+                masters.append(p if p.dtype == torch.float32 else
+                               torch.nn.Parameter(p.detach().float().clone(), requires_grad=True))
+            master_groups.append({**group, "params": masters})
+        super().__init__(master_groups, **kwargs)
+        self._masters = [m for g in self.param_groups for m in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, m in zip(self._model_params, self._masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        loss = super().step(closure)
+        for p, m in zip(self._model_params, self._masters):
+            if m is not p:
+                p.copy_(m)  # rounded to the parameter's dtype
+                m.grad = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for p in self._model_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["master_weights"] = [m.detach().clone() for m in self._masters]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, m, saved in zip(self._model_params, self._masters, masters or [None] * len(self._masters),
+                                   strict=True):
+                if saved is None:  # a checkpoint without masters: start them from the loaded parameters
+                    saved = p.detach()
+                m.copy_(saved)
+                if m is not p:
+                    p.copy_(m)
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with ``cfg`` (an ``OptimConfig``): lr, betas, eps,
-    weight_decay (not applied to biases and norm weights, as usual for transformers)."""
+    weight_decay (not applied to biases and norm weights, as usual for transformers). When a trainable parameter is
+    bf16/fp16 and ``cfg.master_weights`` is on (the default), a ``MasterWeightAdamW`` with float32 master weights."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay)
+    if low_precision and getattr(cfg, "master_weights", True):
+        return MasterWeightAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:

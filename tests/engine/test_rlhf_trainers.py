@@ -23,6 +23,7 @@ from engine.cli import main
 from engine.config import DPORunConfig, PPORunConfig, RewardModelRunConfig, load_config
 from engine.metrics import read_metrics
 from engine.models.value_model import sequence_scores
+from engine.optim import MasterWeightAdamW
 from engine.pair_trainers import DPOTrainer, RewardModelTrainer
 from engine.ppo_trainer import PPOTrainer
 
@@ -158,6 +159,25 @@ def test_resume_with_a_longer_run_uses_the_new_schedule(tmp_path):
     fresh.scheduler.step()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
     assert resumed.optimizer.param_groups[0]["lr"] > 0
+
+
+def test_bf16_model_trains_through_master_weights_and_resumes_exactly(tmp_path):
+    # bf16 parameters (the CUDA default) step float32 masters; the checkpoint carries them, so 2 steps + resume + 2
+    # steps equals 4 steps bit for bit, and the weights do move at a learning rate below half a bf16 ulp per step
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, n=48)
+    args = ["data.num_eval=8", "model.dtype=bfloat16", "optim.lr=1e-4", "rm.batch_size=8", "rm.micro_batch_size=8"]
+    full = rm_trainer(tmp_path / "full", data, "rm.max_steps=4", *args)
+    assert isinstance(full.optimizer, MasterWeightAdamW)
+    before = snapshot(full.model)
+    full.train()
+    rm_trainer(tmp_path / "half", data, "rm.max_steps=2", *args).train()
+    resumed = rm_trainer(tmp_path / "half", data, "rm.max_steps=4", "trainer.resume=auto", *args)
+    resumed.train()
+    after, again = snapshot(full.model), snapshot(resumed.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for k in after:
+        assert torch.equal(after[k], again[k]), k
 
 
 def dpo_trainer(run_dir, data, *overrides: str) -> DPOTrainer:

@@ -245,7 +245,9 @@ class ModelConfig(Section):
     """Published dimensions for the random model (``qwen2.5-0.5b``, ``llama-3.2-1b``; must match ``arch``); null for
     the tiny defaults. Ignored when ``path`` is set."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16."""
+    """Parameter dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16. Training computes
+    under autocast to a bf16/fp16 dtype (with float32 master weights in the optimizer); float32 runs everything in
+    float32, generation included."""
     tokenizer: str | None = None
     """Tokenizer directory; null means ``path``'s own, or for a random model the character tokenizer
     (``engine.data.char_tokenizer``). ``bpe`` or ``bpe:N`` (random model only) trains a byte-level BPE of at most N

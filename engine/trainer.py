@@ -154,7 +154,11 @@ class BaseTrainer:
             model, tokenizer = self.build_model()
         self.model, self.tokenizer = model.train(), tokenizer
         self.prepare_examples()
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        # Mixed precision follows the parameters: bf16/fp16 weights on CUDA compute under autocast to their dtype;
+        # float32 weights (model.dtype=float32) train and generate in full float32.
+        param_dtype = next(self.model.parameters()).dtype
+        low = param_dtype in (torch.bfloat16, torch.float16)
+        self.autocast = param_dtype if self.device.type == "cuda" and low else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}

@@ -27,15 +27,13 @@ from engine.algorithms import (
     gae_advantages,
     make_batch,
     ppo_epochs,
-    response_logprobs,
     token_level_rewards,
 )
-from engine.generation import Generator, SamplingParams
 from engine.models.value_model import load_value_model, sequence_scores, value_model_from_causal_lm
 from engine.optim import make_optimizer, make_scheduler
 from engine.pair_trainers import load_reward_model
 from engine.rewards import compute_rewards, load_reward
-from engine.trainer import BaseTrainer, resolve_model_dir
+from engine.trainer import RolloutTrainer, resolve_model_dir
 
 
 def _same_vocab(a, b) -> bool:
@@ -53,22 +51,16 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-class PPOTrainer(BaseTrainer):
+class PPOTrainer(RolloutTrainer):
     """PPO with a critic and GAE against a frozen reward model or rule rewards (``cfg``: a ``PPORunConfig``)."""
 
     kind = "ppo"
+    algo = "ppo"
 
     def __init__(self, cfg, *, model=None, tokenizer=None):
-        if cfg.generation.temperature <= 0:
-            raise ValueError(f"generation.temperature must be > 0 for PPO, got {cfg.generation.temperature}: the "
-                             "policy gradient needs samples from the policy")
         self.reward_model = None
         super().__init__(cfg, model=model, tokenizer=tokenizer)
-        g, p = cfg.generation, cfg.ppo
-        self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
-                                   attention_backend=g.attention_backend,
-                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
-        self.eval_max_tokens = g.max_tokens
+        p = cfg.ppo
         self.reward_fns = [load_reward(spec) for spec in p.rewards]
         kl_value = self.state.get("kl_coef", p.kl_coef)  # a resumed run continues the adapted coefficient
         self.kl_ctl = (AdaptiveKLController(kl_value, p.target_kl, p.kl_horizon) if p.adaptive_kl
@@ -106,20 +98,6 @@ class PPOTrainer(BaseTrainer):
                            "scheduler": self.critic_scheduler}}
 
     # ------------------------------------------------------------------------------------------------ phases
-    def rollout(self, examples: list, step: int, *, temperature: float | None = None) -> tuple[list, list]:
-        """``num_generations`` completions per prompt; returns (examples repeated per sample, completions)."""
-        g, n = self.cfg.generation, self.cfg.ppo.num_generations
-        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
-        params = [SamplingParams(n=n, temperature=g.temperature if temperature is None else temperature,
-                                 top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_tokens, seed=base + i)
-                  for i in range(len(examples))]
-        was_training = self.model.training
-        self.model.eval()
-        outs = self.generator.generate([e.prompt_ids for e in examples], params)
-        self.model.train(was_training)
-        per_sample = [e for e in examples for _ in range(n)]
-        return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
-
     @torch.no_grad()
     def score(self, examples: list, completions: list) -> tuple[torch.Tensor, dict[str, float]]:
         """``[B]`` float32 scores on the device (reward model or rule rewards, then the EOS penalty and the clip)."""
@@ -156,20 +134,6 @@ class PPOTrainer(BaseTrainer):
             scores = scores.clamp(-p.reward_clip, p.reward_clip)
         return scores, extra
 
-    @torch.no_grad()
-    def _old_ref_values(self, batch, rollout_lp):
-        """Old log-probs (the generator's unless truncated sampling or rollout-IS asks for the trainer's), reference
-        log-probs, and the critic's values of the rollout."""
-        g = self.cfg.generation
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            recompute = g.top_p < 1.0 or g.top_k > 0 or self.cfg.ppo.rollout_is is not None
-            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
-            ref = None if self.ref_model is None else response_logprobs(self.ref_model, batch,
-                                                                        temperature=g.temperature)
-            values = critic_values(self.critic, batch)
-        mask = batch.response_mask
-        return old.float() * mask, None if ref is None else ref.float() * mask, values.float() * mask
-
     def train_step(self, step: int) -> dict[str, float]:
         cfg, p, g = self.cfg, self.cfg.ppo, self.cfg.generation
         t0 = time.perf_counter()
@@ -181,10 +145,11 @@ class PPOTrainer(BaseTrainer):
         batch = make_batch([e.prompt_ids for e in examples], [list(c.token_ids) for c in completions],
                            self.tokenizer.pad_token_id or 0, self.device)
         mask = batch.response_mask
-        rollout_lp = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
-        for b, c in enumerate(completions):
-            rollout_lp[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
-        old_lp, ref_lp, values = self._old_ref_values(batch, rollout_lp)
+        rollout_lp = self.rollout_logprobs(completions, batch)
+        old_lp, ref_lp = self.old_and_ref_logprobs(batch, rollout_lp)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                             enabled=self.autocast is not None):
+            values = critic_values(self.critic, batch).float() * mask
         kl_coef = self.kl_ctl.value
         token_rewards, _ = token_level_rewards(scores, mask, logprobs=old_lp, ref_logprobs=ref_lp,
                                                kl_coef=0.0 if p.use_kl_loss else kl_coef,

@@ -309,22 +309,74 @@ class BaseTrainer:
         return metrics
 
 
-class GRPOTrainer(BaseTrainer):
-    """GRPO with rule-based rewards on the policy's own rollouts (``cfg``: a ``GRPORunConfig``)."""
+class RolloutTrainer(BaseTrainer):
+    """What the on-policy trainers (GRPO, PPO) share: the ``Generator`` on the policy's own weights, sampling
+    ``num_generations`` completions per prompt, and the old / reference log-probs of a rollout batch. Subclasses set
+    ``algo`` (the config section with ``num_generations`` and ``rollout_is``)."""
 
-    kind = "grpo"
+    algo = ""
 
     def __init__(self, cfg, *, model=None, tokenizer=None):
         if cfg.generation.temperature <= 0:
-            raise ValueError(f"generation.temperature must be > 0 for GRPO, got {cfg.generation.temperature}: greedy "
-                             f"rollouts make the {cfg.grpo.num_generations} samples of a prompt identical (no "
-                             "advantage signal)")
+            raise ValueError(f"generation.temperature must be > 0 for {self.kind.upper()}, got "
+                             f"{cfg.generation.temperature}: the policy gradient needs samples from the policy")
         super().__init__(cfg, model=model, tokenizer=tokenizer)
         g = cfg.generation
         self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
                                    attention_backend=g.attention_backend,
                                    kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
         self.eval_max_tokens = g.max_tokens
+
+    @property
+    def algo_cfg(self):
+        return getattr(self.cfg, self.algo)
+
+    def rollout(self, examples: list, step: int) -> tuple[list, list]:
+        """Sample ``num_generations`` completions per prompt, seeded by ``(trainer.seed, step)``; returns (examples
+        repeated per sample, completions in the same order)."""
+        g, n = self.cfg.generation, self.algo_cfg.num_generations
+        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
+        params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                 max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
+        was_training = self.model.training
+        self.model.eval()
+        outs = self.generator.generate([e.prompt_ids for e in examples], params)
+        self.model.train(was_training)
+        per_sample = [e for e in examples for _ in range(n)]
+        return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+
+    def rollout_logprobs(self, completions: list, batch) -> torch.Tensor:
+        """``[B, T]`` float32: the generator's log-probs of the sampled tokens, 0 on padding."""
+        out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
+        for b, c in enumerate(completions):
+            out[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        return out
+
+    @torch.no_grad()
+    def old_and_ref_logprobs(self, batch, rollout_lp) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
+        them those of another distribution, then the trainer's; always recomputed with the trainer's forward when a
+        rollout-IS correction is asked for. Reference log-probs when there is a reference model (else None). Both
+        float32, 0 on padding."""
+        g = self.cfg.generation
+        mask = batch.response_mask
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            recompute = g.top_p < 1.0 or g.top_k > 0 or self.algo_cfg.rollout_is is not None
+            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
+            ref = None
+            if self.ref_model is not None:
+                ref = response_logprobs(self.ref_model, batch, temperature=g.temperature).float() * mask
+        return old.float() * mask, ref
+
+
+class GRPOTrainer(RolloutTrainer):
+    """GRPO with rule-based rewards on the policy's own rollouts (``cfg``: a ``GRPORunConfig``)."""
+
+    kind = "grpo"
+    algo = "grpo"
+
+    def __init__(self, cfg, *, model=None, tokenizer=None):
+        super().__init__(cfg, model=model, tokenizer=tokenizer)
         self.reward_fns = [load_reward(spec) for spec in cfg.grpo.rewards]
 
     def before_resume(self) -> None:
@@ -332,19 +384,6 @@ class GRPOTrainer(BaseTrainer):
         self.ref_model = None
         if self.cfg.grpo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-    def rollout(self, examples: list, step: int) -> tuple[list, list]:
-        """Sample ``num_generations`` completions per prompt; returns (examples repeated per sample, completions)."""
-        g, G = self.cfg.generation, self.cfg.grpo.num_generations
-        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
-        params = [SamplingParams(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                 max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
-        self.model.eval()
-        outs = self.generator.generate([e.prompt_ids for e in examples], params)
-        self.model.train()
-        per_sample = [e for e in examples for _ in range(G)]
-        completions = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
-        return per_sample, completions
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -363,10 +402,8 @@ class GRPOTrainer(BaseTrainer):
         t1 = time.perf_counter()
         batch = make_batch([e.prompt_ids for e in examples], [c.token_ids for c in completions],
                            self.tokenizer.pad_token_id or 0, self.device)
-        rollout_lp = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
-        for b, c in enumerate(completions):
-            rollout_lp[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
-        old_lp, ref_lp = self._old_and_ref_logprobs(batch, rollout_lp)
+        rollout_lp = self.rollout_logprobs(completions, batch)
+        old_lp, ref_lp = self.old_and_ref_logprobs(batch, rollout_lp)
         for _ in range(cfg.grpo.ppo_epochs):  # pass 1 is on-policy; later passes reuse the rollout (old_lp fixed)
             result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
                                    cfg=cfg.grpo, temperature=cfg.generation.temperature,
@@ -396,20 +433,6 @@ class GRPOTrainer(BaseTrainer):
         metrics["sampling/logp_diff_mean"] = (diff.sum() / mask.sum().clamp_min(1)).item()
         metrics["sampling/logp_diff_max"] = diff.max().item() if diff.numel() else 0.0
         return metrics
-
-    @torch.no_grad()
-    def _old_and_ref_logprobs(self, batch, rollout_lp):
-        """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
-        them those of another distribution, then the trainer's; always recomputed with the trainer's forward when a
-        rollout-IS correction is asked for. Reference log-probs when ``kl_coef > 0``."""
-        g = self.cfg.generation
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            recompute = g.top_p < 1.0 or g.top_k > 0 or self.cfg.grpo.rollout_is is not None
-            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
-            ref = None
-            if self.ref_model is not None:
-                ref = response_logprobs(self.ref_model, batch, temperature=g.temperature)
-        return old.float() * batch.response_mask, None if ref is None else ref.float()
 
 
 def _nanmean(values: list) -> float:

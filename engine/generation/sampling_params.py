@@ -61,7 +61,7 @@ class SamplingParams:
                                  f"got {self.stop_token_ids!r}")
             self.stop_token_ids = ids
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")  # noqa: TRY004 - the contract: ValueError naming the field
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
         self.temperature = float(self.temperature)

@@ -63,7 +63,7 @@ class TorchAttention(AttentionBackend):
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        S, H, D = q.shape
+        S, _, D = q.shape
         H_kv = k_cache.shape[2]
         L = meta.max_context_len
         block_size = meta.block_size

@@ -324,3 +324,28 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path):
     for step in (3, 4):
         for key in ("reward", "kl", "kl_coef", "critic/vf_loss", "actor/pg_loss"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_ppo_against_a_trained_reward_model_on_pair_prompts(tmp_path):
+    # the classic pipeline end to end on a toy: a reward model trained on "good" vs "bad" pairs scores the policy's
+    # completions of the pairs' prompts; the critic starts as a copy of that reward model (same tokenizer); the run
+    # checkpoints and its reward, critic and KL metrics are finite
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, n=48)
+    rm_trainer(tmp_path / "rm", data, "rm.max_steps=3", "data.num_eval=8").train()
+    trainer = PPOTrainer(load_config(PPORunConfig, None, [
+        *COMMON, f"trainer.output_dir={tmp_path / 'ppo'}", f"data.train={data}", "data.num_eval=8",
+        "data.template={prompt}", f"ppo.reward_model={tmp_path / 'rm'}", "generation.max_tokens=6",
+        "ppo.prompts_per_step=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4", "trainer.max_steps=2",
+        "trainer.eval_every=2"]))
+    assert trainer.rm_same_vocab
+    rm_weights = snapshot(trainer.reward_model)
+    critic_start = snapshot(trainer.critic)
+    assert all(torch.equal(rm_weights[k], critic_start[k]) for k in rm_weights)  # the critic starts as the RM
+    metrics = trainer.train()
+    for name in ("reward", "kl", "critic/vf_loss", "critic/advantages/mean", "actor/pg_clipfrac", "eval/reward"):
+        assert math.isfinite(metrics[name]), name
+    assert all(torch.equal(rm_weights[k], v) for k, v in snapshot(trainer.reward_model).items())  # frozen
+    assert any(not torch.equal(critic_start[k], v) for k, v in snapshot(trainer.critic).items())  # trained
+    assert is_complete(checkpoint_dir(tmp_path / "ppo", 2))
+    assert (checkpoint_dir(tmp_path / "ppo", 2) / "critic" / "optimizer.pt").is_file()

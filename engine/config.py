@@ -543,7 +543,8 @@ class DPOConfig(PairTrainingConfig):
     beta: float = 0.1
     """KL-regularisation strength (TRL's default 0.1); > 0."""
     loss_type: str = "sigmoid"
-    """sigmoid (DPO; cDPO with ``label_smoothing``), robust or ipo (``kernels.DPO_LOSS_TYPES``)."""
+    """sigmoid (DPO; cDPO with ``label_smoothing``), robust or ipo (``kernels.DPO_LOSS_TYPES``). ipo compares
+    length-averaged sequence log-probs, as TRL does; the others summed ones."""
     label_smoothing: float = 0.0
     """Assumed probability that a preference label is flipped, in [0, 0.5); must be 0 for ipo."""
 

@@ -178,6 +178,11 @@ class DPOTrainer(PairTrainer):
     kind = "dpo"
     section = "dpo"
 
+    @property
+    def average_logps(self) -> bool:
+        """IPO compares length-averaged sequence log-probs (TRL's ``ipo``); sigmoid and robust the summed ones."""
+        return self.cfg.dpo.loss_type == "ipo"
+
     def before_resume(self) -> None:
         t0 = time.perf_counter()
         self.ref_logps = {}
@@ -186,7 +191,7 @@ class DPOTrainer(PairTrainer):
                 continue
             chosen, rejected = reference_logprobs(self.model, examples, pad_id=self.tokenizer.pad_token_id or 0,
                                                   device=self.device, batch_size=self.cfg.dpo.eval_batch_size,
-                                                  autocast_dtype=self.autocast)
+                                                  autocast_dtype=self.autocast, average=self.average_logps)
             for i, e in enumerate(examples):
                 self.ref_logps[id(e)] = (chosen[i], rejected[i])
         print(f"[rlhf-engine] reference log-probs of {len(self.ref_logps)} pairs in {time.perf_counter() - t0:.1f}s")
@@ -200,7 +205,7 @@ class DPOTrainer(PairTrainer):
         d = self.cfg.dpo
         ref_c, ref_r = self._ref(examples)
         return dpo_step_loss(self.model, self.pair_batch(examples), ref_c, ref_r, beta=d.beta, loss_type=d.loss_type,
-                             label_smoothing=d.label_smoothing)
+                             label_smoothing=d.label_smoothing, average=self.average_logps)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -214,7 +219,7 @@ class DPOTrainer(PairTrainer):
             part = self.eval_examples[start:start + d.eval_batch_size]
             with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                                 enabled=self.autocast is not None):
-                logps = sequence_logprobs(self.model, self.pair_batch(part)).float()
+                logps = sequence_logprobs(self.model, self.pair_batch(part), average=self.average_logps).float()
             policy_c.append(logps[:len(part)])
             policy_r.append(logps[len(part):])
         self.model.train(was_training)

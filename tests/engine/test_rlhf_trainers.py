@@ -18,6 +18,7 @@ import random
 import pytest
 import torch
 
+from engine.algorithms.dpo import reference_logprobs
 from engine.checkpoint import checkpoint_dir, is_complete
 from engine.cli import main
 from engine.config import DPORunConfig, PPORunConfig, RewardModelRunConfig, load_config
@@ -244,6 +245,11 @@ def test_dpo_loss_variants_take_a_finite_step(tmp_path, loss_type):
     extra = ["dpo.label_smoothing=0.1"] if loss_type == "robust" else []
     tr = dpo_trainer(tmp_path / "run", data, "data.num_eval=8", "dpo.max_steps=1", "trainer.eval_every=1",
                      f"dpo.loss_type={loss_type}", *extra)
+    # IPO compares length-averaged log-probs (TRL), the others summed ones: check the reference the trainer took
+    e = tr.train_examples[0]
+    summed = reference_logprobs(tr.model, [e], pad_id=tr.tokenizer.pad_token_id, device=tr.device)[0]
+    expected = summed / len(e.chosen_ids) if loss_type == "ipo" else summed
+    assert torch.allclose(tr.ref_logps[id(e)][0], expected[0], rtol=1e-5)
     start = snapshot(tr.model)
     metrics = tr.train()
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["skipped_steps"] == 0

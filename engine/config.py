@@ -427,6 +427,8 @@ class GRPOConfig(Section):
     """Truncated importance sampling correcting the generator/trainer log-prob gap: token, sequence, or null (off)."""
     rollout_is_cap: float = 2.0
     """Upper bound of the rollout importance weights (> 0)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: subtracts this times the aggregated token entropy from the loss; 0 is off."""
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Reward functions: built-in names (``engine.rewards.REWARDS``) or import paths ``pkg.module:function``; their
     weighted sum is the reward. Resolved when the trainer starts."""
@@ -448,6 +450,7 @@ class GRPOConfig(Section):
         _int("micro_batch_size", self.micro_batch_size, 1)
         _choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS, allow_none=True)
         _num("rollout_is_cap", self.rollout_is_cap, 0.0, lo_open=True)
+        _num("entropy_coef", self.entropy_coef, 0.0)
         if not self.rewards:
             raise ConfigError("rewards", "must name at least one reward function, got []")
         for i, name in enumerate(self.rewards):
@@ -602,6 +605,12 @@ class PPOConfig(Section):
     """Target of the adaptive controller: the mean per-sequence KL, in nats."""
     kl_horizon: int = 10000
     """Horizon of the adaptive controller, in samples."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: subtracts this times the aggregated token entropy from the policy loss (veRL's
+    ``entropy_coeff``); 0 is off."""
+    critic_warmup_steps: int = 0
+    """Steps at the start of the run that update the critic only (veRL's ``critic_warmup``): the value head, fresh
+    or fitted to scores rather than returns, first learns the returns."""
     critic_lr: float = 1e-5
     """Learning rate of the critic's own AdamW (the other optimizer settings are ``optim``'s)."""
     critic_path: str | None = None
@@ -643,6 +652,8 @@ class PPOConfig(Section):
         _num("target_kl", self.target_kl, 0.0, lo_open=True)
         _int("kl_horizon", self.kl_horizon, 1)
         _num("critic_lr", self.critic_lr, 0.0, lo_open=True)
+        _num("entropy_coef", self.entropy_coef, 0.0)
+        _int("critic_warmup_steps", self.critic_warmup_steps, 0)
         _nonempty("critic_path", self.critic_path, allow_none=True)
         _nonempty("reward_model", self.reward_model, allow_none=True)
         if self.reward_model is None and not self.rewards:

@@ -163,9 +163,11 @@ class PPOTrainer(RolloutTrainer):
                             old_logprobs=old_lp, advantages=advantages, old_values=values, returns=returns,
                             ref_logprobs=ref_lp if p.use_kl_loss else None, cfg=update_cfg,
                             temperature=g.temperature, max_grad_norm=cfg.optim.max_grad_norm,
-                            rollout_logprobs=rollout_lp, autocast_dtype=self.autocast, generator=shuffle)
+                            rollout_logprobs=rollout_lp, autocast_dtype=self.autocast, generator=shuffle,
+                            update_actor=step >= p.critic_warmup_steps)
         t_update = time.perf_counter() - t1
-        stepped = update["actor/stepped"] == 1.0 and update["critic/stepped"] == 1.0
+        actor_ok = step < p.critic_warmup_steps or update["actor/stepped"] == 1.0
+        stepped = actor_ok and update["critic/stepped"] == 1.0
         if stepped:
             self.critic_scheduler.step()
         self.record_step_outcome(stepped, {"loss": update.get("actor/pg_loss"),

@@ -10,6 +10,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.batching import TokenBatch, clip_and_step, response_logprobs
+from kernels.loss_agg import agg_loss_ref
 
 
 @dataclass
@@ -48,7 +49,8 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
 
     The loss of each micro-batch is normalised by the whole batch's token (or sequence) count, so the summed gradient
     equals the full-batch gradient (``kernels.loss_agg``). A non-finite loss or gradient norm skips the optimizer step
-    (``stepped=False``); the gradients are zeroed either way. ``cfg`` is a ``GRPOConfig``. Metrics use TRL/veRL names.
+    (``stepped=False``); the gradients are zeroed either way. ``cfg`` is a ``GRPOConfig`` (or any object with its
+    fields; an ``entropy_coef`` > 0 subtracts that times the aggregated entropy). Metrics use TRL/veRL names.
     """
     B, T = batch.labels.shape
     mask = batch.response_mask
@@ -73,6 +75,10 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
             kl_estimator=cfg.kl_estimator, rollout_is_weights=None if isw is None else isw[rows],
             global_num_tokens=n_tok, global_num_seqs=B, loss_scale_factor=T,
         )
+        entropy_coef = getattr(cfg, "entropy_coef", 0.0)
+        if entropy_coef:  # entropy bonus (veRL entropy_coeff), aggregated like the policy loss
+            loss = loss - entropy_coef * agg_loss_ref(entropy, mb.response_mask, cfg.loss_agg_mode,
+                                                      global_num_tokens=n_tok, global_num_seqs=B, loss_scale_factor=T)
         if not torch.isfinite(loss):
             finite = False
             break

@@ -16,7 +16,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.batching import TokenBatch, clip_and_step
-from engine.algorithms.grpo import policy_update
+from engine.algorithms.grpo import PolicyUpdateResult, policy_update
 from engine.models.value_model import token_values
 
 
@@ -194,7 +194,7 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
                advantages: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                ref_logprobs: torch.Tensor | None = None, cfg, temperature: float, max_grad_norm: float,
                rollout_logprobs: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+               generator: torch.Generator | None = None, update_actor: bool = True) -> dict[str, float]:
     """cfg.ppo_epochs passes over the rollout batch; each pass shuffles the rows (with `generator`, so runs are
     reproducible) into mini-batches of cfg.mini_batch_size rows; per mini-batch one actor step
     (engine.algorithms.grpo.policy_update with the mini-batch's rows, token-level advantages [b, T]; cfg provides
@@ -208,7 +208,8 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
 
     old_logprobs, advantages, old_values, returns, ref_logprobs, rollout_logprobs: ``[B, T]`` rollout tensors (no
     gradient). `generator` is a CPU generator (``torch.randperm``); None draws from the global RNG. Both steps of a
-    mini-batch are attempted before stopping; ``ppo/updates`` counts the mini-batches processed."""
+    mini-batch are attempted before stopping; ``ppo/updates`` counts the mini-batches processed. ``update_actor=False``
+    (veRL's critic warm-up) steps the critic alone: the actor metrics are NaN then."""
     B = batch.labels.shape[0]
     if cfg.mini_batch_size < 1 or cfg.ppo_epochs < 0:
         raise ValueError(f"need mini_batch_size >= 1 and ppo_epochs >= 0, got {cfg.mini_batch_size}, "
@@ -224,10 +225,14 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
         for start in range(0, B, cfg.mini_batch_size):
             idx = order[start:start + cfg.mini_batch_size]
             mb = batch.rows(idx)
-            actor = policy_update(policy, policy_optimizer, mb, old_logprobs[idx], advantages[idx],
-                                  ref_logprobs=_rows_or_none(ref_logprobs, idx), cfg=cfg, temperature=temperature,
-                                  max_grad_norm=max_grad_norm, rollout_logprobs=_rows_or_none(rollout_logprobs, idx),
-                                  autocast_dtype=autocast_dtype)
+            if update_actor:
+                actor = policy_update(policy, policy_optimizer, mb, old_logprobs[idx], advantages[idx],
+                                      ref_logprobs=_rows_or_none(ref_logprobs, idx), cfg=cfg, temperature=temperature,
+                                      max_grad_norm=max_grad_norm,
+                                      rollout_logprobs=_rows_or_none(rollout_logprobs, idx),
+                                      autocast_dtype=autocast_dtype)
+            else:
+                actor = PolicyUpdateResult({src: float("nan") for src in _ACTOR_METRICS.values()}, True)
             crit = critic_update(critic, critic_optimizer, mb, old_values[idx], returns[idx],
                                  cliprange_value=cfg.cliprange_value, loss_agg_mode=cfg.loss_agg_mode,
                                  micro_batch_size=cfg.micro_batch_size, max_grad_norm=max_grad_norm,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.algorithms.batching import make_batch, response_logprobs
+from engine.algorithms.grpo import policy_update
 from engine.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -309,3 +310,46 @@ def test_ppo_epochs_is_reproducible_and_stops_on_non_finite():
                    old_values=values, returns=values + adv, cfg=_cfg(mini_batch_size=2, micro_batch_size=1),
                    temperature=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(3))
     assert m["actor/stepped"] < 1.0 and m["ppo/updates"] <= 2
+
+
+def _tiny_rollout():
+    policy = tiny_model("llama", seed=0, **TINY)
+    critic = value_model_from_causal_lm(policy, seed=0)
+    batch = make_batch([[1, 2], [3, 4, 5], [6, 7]], [[11, 12, 13], [14, 15], [16]], pad_id=0, device="cpu")
+    with torch.no_grad():
+        old_lp = response_logprobs(policy, batch)
+        values = critic_values(critic, batch)
+    return policy, critic, batch, old_lp, values
+
+
+def test_critic_warmup_steps_the_critic_alone():
+    policy, critic, batch, old_lp, values = _tiny_rollout()
+    actor_before = [t.detach().clone() for t in policy.parameters()]
+    critic_before = [t.detach().clone() for t in critic.parameters()]
+    adv = torch.randn(batch.labels.shape, generator=torch.Generator().manual_seed(0)) * batch.response_mask
+    m = ppo_epochs(policy, torch.optim.Adam(policy.parameters(), lr=1e-2), critic,
+                   torch.optim.Adam(critic.parameters(), lr=1e-2), batch, old_logprobs=old_lp, advantages=adv,
+                   old_values=values, returns=values + 1.0, cfg=_cfg(mini_batch_size=3, micro_batch_size=3),
+                   temperature=1.0, max_grad_norm=1.0, update_actor=False)
+    assert all(torch.equal(a, b) for a, b in zip(actor_before, policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, critic.parameters()))
+    assert math.isnan(m["actor/pg_loss"]) and m["critic/stepped"] == 1.0
+
+
+def test_entropy_bonus_is_minus_coef_times_the_aggregated_entropy_and_raises_it():
+    # zero advantages and no KL: the loss is the entropy term alone, -coef * token-mean entropy, and one step up that
+    # gradient raises the entropy of the same tokens
+    policy, _, batch, old_lp, _ = _tiny_rollout()
+    zero = torch.zeros(batch.labels.shape)
+    with torch.no_grad():
+        _, ent = response_logprobs(policy, batch, return_entropy=True)
+    mask = batch.response_mask.float()
+    mean_ent = float((ent * mask).sum() / mask.sum())
+    result = policy_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, old_lp, zero,
+                           ref_logprobs=None, cfg=_cfg(micro_batch_size=3, entropy_coef=0.5), temperature=1.0,
+                           max_grad_norm=100.0)
+    assert result.stepped
+    assert result.metrics["loss"] == pytest.approx(-0.5 * mean_ent, rel=1e-5)
+    with torch.no_grad():
+        _, ent_after = response_logprobs(policy, batch, return_entropy=True)
+    assert float((ent_after * mask).sum() / mask.sum()) > mean_ent

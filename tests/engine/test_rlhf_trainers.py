@@ -355,3 +355,12 @@ def test_ppo_against_a_trained_reward_model_on_pair_prompts(tmp_path):
     assert any(not torch.equal(critic_start[k], v) for k, v in snapshot(trainer.critic).items())  # trained
     assert is_complete(checkpoint_dir(tmp_path / "ppo", 2))
     assert (checkpoint_dir(tmp_path / "ppo", 2) / "critic" / "optimizer.pt").is_file()
+
+
+def test_ppo_critic_warmup_leaves_the_actor_alone(tmp_path):
+    trainer = ppo_trainer(tmp_path / "run", "trainer.max_steps=2", "ppo.critic_warmup_steps=1")
+    start = snapshot(trainer.model)
+    trainer.train_step(0)  # warm-up: the critic alone
+    assert all(torch.equal(start[k], v) for k, v in snapshot(trainer.model).items())
+    trainer.train_step(1)  # then both
+    assert any(not torch.equal(start[k], v) for k, v in snapshot(trainer.model).items())

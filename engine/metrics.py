@@ -90,7 +90,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-PLOTTED = ("reward", "eval/accuracy", "kl", "completions/mean_length", "loss", "entropy")
+PLOTTED = ("reward", "eval/reward", "eval/accuracy", "eval/rewards/accuracies", "kl", "completions/mean_length",
+           "response_length/mean", "critic/vf_loss", "loss", "eval/loss", "entropy")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

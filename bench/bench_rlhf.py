@@ -94,31 +94,22 @@ def main() -> None:
     from engine.sft_trainer import SFTTrainer
 
     sft_dir, rm_dir = work / "sft", work / "rm"
+    from_sft = [c for c in common if not c.startswith("model.")] + [f"model.path={sft_dir}"]  # later stages
     stages = [
-        ("sft", SFTTrainer, C.SFTRunConfig, common + [f"model.tokenizer=bpe:{args.vocab}", f"sft.max_steps={args.steps}",
-                                                       f"sft.batch_size={args.batch}",
-                                                       f"sft.micro_batch_size={min(args.batch, 32)}",
-                                                       f"trainer.output_dir={sft_dir}"]),
-        ("rm", RewardModelTrainer, C.RewardModelRunConfig,
-         [c for c in common if not c.startswith("model.")] + [f"model.path={sft_dir}", f"rm.max_steps={args.steps}",
-                                                               f"rm.batch_size={args.batch}", "rm.micro_batch_size=16",
-                                                               f"rm.max_length={args.max_length}",
-                                                               "rm.allow_empty_response=true",
-                                                               f"trainer.output_dir={rm_dir}"]),
-        ("ppo", PPOTrainer, C.PPORunConfig,
-         [c for c in common if not c.startswith("model.")] + [f"model.path={sft_dir}", f"ppo.reward_model={rm_dir}",
-                                                               f"trainer.max_steps={args.steps}",
-                                                               f"ppo.prompts_per_step={args.batch}",
-                                                               f"ppo.mini_batch_size={max(args.batch // 2, 1)}",
-                                                               "ppo.micro_batch_size=16",
-                                                               f"generation.max_tokens={args.max_tokens}",
-                                                               f"trainer.output_dir={work / 'ppo'}"]),
-        ("dpo", DPOTrainer, C.DPORunConfig,
-         [c for c in common if not c.startswith("model.")] + [f"model.path={sft_dir}", f"dpo.max_steps={args.steps}",
-                                                               f"dpo.batch_size={args.batch}", "dpo.micro_batch_size=16",
-                                                               f"dpo.max_length={args.max_length}",
-                                                               "dpo.allow_empty_response=true",
-                                                               f"trainer.output_dir={work / 'dpo'}"]),
+        ("sft", SFTTrainer, C.SFTRunConfig, common + [
+            f"model.tokenizer=bpe:{args.vocab}", f"sft.max_steps={args.steps}", f"sft.batch_size={args.batch}",
+            f"sft.micro_batch_size={min(args.batch, 32)}", f"trainer.output_dir={sft_dir}"]),
+        ("rm", RewardModelTrainer, C.RewardModelRunConfig, from_sft + [
+            f"rm.max_steps={args.steps}", f"rm.batch_size={args.batch}", "rm.micro_batch_size=16",
+            f"rm.max_length={args.max_length}", "rm.allow_empty_response=true", f"trainer.output_dir={rm_dir}"]),
+        ("ppo", PPOTrainer, C.PPORunConfig, from_sft + [
+            f"ppo.reward_model={rm_dir}", f"trainer.max_steps={args.steps}", f"ppo.prompts_per_step={args.batch}",
+            f"ppo.mini_batch_size={max(args.batch // 2, 1)}", "ppo.micro_batch_size=16",
+            f"generation.max_tokens={args.max_tokens}", f"trainer.output_dir={work / 'ppo'}"]),
+        ("dpo", DPOTrainer, C.DPORunConfig, from_sft + [
+            f"dpo.max_steps={args.steps}", f"dpo.batch_size={args.batch}", "dpo.micro_batch_size=16",
+            f"dpo.max_length={args.max_length}", "dpo.allow_empty_response=true",
+            f"trainer.output_dir={work / 'dpo'}"]),
     ]
     results = []
     for name, trainer_cls, cfg_cls, overrides in stages:

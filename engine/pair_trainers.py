@@ -35,24 +35,6 @@ def is_value_model_dir(path: Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
-def build_reward_model(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
-    """``(reward_model, tokenizer)`` for ``model_cfg``: a reward-model checkpoint as it is; a causal LM checkpoint
-    (a run directory of ``rlhf-engine sft``, say) or a random tiny model with a fresh value head on its body
-    (InstructGPT initialises the reward model from the SFT policy)."""
-    if model_cfg.path and is_value_model_dir(resolve_model_dir(model_cfg.path)):
-        from transformers import AutoTokenizer
-
-        path = resolve_model_dir(model_cfg.path)
-        model = load_value_model(path, dtype=resolve_dtype_name(model_cfg.dtype, device), device=device)
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    lm, tokenizer = build_policy(model_cfg, device, seed=seed, texts=texts)
-    model = value_model_from_causal_lm(lm, seed=seed)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
-
-
 def load_reward_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     """``(frozen reward model, tokenizer)`` from a reward-model run directory or checkpoint (``ValueError`` for a
     checkpoint of another kind, or one without a tokenizer)."""
@@ -64,6 +46,22 @@ def load_reward_model(path: str | Path, device: torch.device, dtype: torch.dtype
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"reward model {path} has no readable tokenizer: {err}") from None
+    return model, tokenizer
+
+
+def build_reward_model(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
+    """``(reward_model, tokenizer)`` to train, for ``model_cfg``: a reward-model checkpoint as it is; a causal LM
+    checkpoint (a run directory of ``rlhf-engine sft``, say) or a random tiny model with a fresh value head on its
+    body (InstructGPT initialises the reward model from the SFT policy)."""
+    if model_cfg.path and is_value_model_dir(resolve_model_dir(model_cfg.path)):
+        model, tokenizer = load_reward_model(model_cfg.path, device, resolve_dtype_name(model_cfg.dtype, device))
+        model.requires_grad_(True).train()
+    else:
+        lm, tokenizer = build_policy(model_cfg, device, seed=seed, texts=texts)
+        model = value_model_from_causal_lm(lm, seed=seed)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     return model, tokenizer
 
 

@@ -33,6 +33,7 @@ from engine.models.value_model import load_value_model, sequence_scores, value_m
 from engine.optim import make_optimizer, make_scheduler
 from engine.pair_trainers import load_reward_model
 from engine.rewards import compute_rewards, load_reward
+from engine.stats import nanmean
 from engine.trainer import RolloutTrainer, resolve_model_dir
 
 
@@ -125,8 +126,7 @@ class PPOTrainer(RolloutTrainer):
             totals, per_fn = compute_rewards(self.reward_fns, p.reward_weights, [e.record["prompt"] for e in examples],
                                              texts, columns)
             scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
-            extra = {f"rewards/{name}/mean": float(torch.tensor([v for v in vals if v is not None] or [float("nan")])
-                                                   .mean()) for name, vals in per_fn.items()}
+            extra = {f"rewards/{name}/mean": nanmean(vals) for name, vals in per_fn.items()}
         if p.missing_eos_penalty is not None:
             truncated = torch.tensor([c.finish_reason == "length" for c in completions], device=self.device)
             scores = scores - p.missing_eos_penalty * truncated.float()

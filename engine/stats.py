@@ -31,3 +31,10 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z2 / (2 * n)) / denominator
     halfwidth = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, centre - halfwidth), min(1.0, centre + halfwidth)  # clamp rounding at p = 0 or 1
+
+
+def nanmean(values) -> float:
+    """Mean of the numbers in ``values``, skipping ``None`` and NaN (a reward function's "no verdict"); NaN when
+    nothing is left."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")

@@ -10,7 +10,6 @@ holds what SFT and GRPO share; ``engine.sft_trainer.SFTTrainer`` is the cold sta
 from __future__ import annotations
 
 import copy
-import math
 import random
 import signal
 import threading
@@ -37,6 +36,7 @@ from engine.metrics import MetricsLogger
 from engine.models import load_policy, tiny_model, train_bpe_tokenizer
 from engine.optim import make_optimizer, make_scheduler, sync_lr
 from engine.rewards import compute_rewards, load_reward
+from engine.stats import nanmean
 from engine.tasks import load_task, tokenize
 
 
@@ -346,11 +346,12 @@ class RolloutTrainer(BaseTrainer):
         return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
 
     def rollout_logprobs(self, completions: list, batch) -> torch.Tensor:
-        """``[B, T]`` float32: the generator's log-probs of the sampled tokens, 0 on padding."""
-        out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=self.device)
+        """``[B, T]`` float32: the generator's log-probs of the sampled tokens, 0 on padding (filled on the host, one
+        copy to the device)."""
+        out = torch.zeros(batch.labels.shape, dtype=torch.float32)
         for b, c in enumerate(completions):
             out[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
-        return out
+        return out.to(self.device)
 
     @torch.no_grad()
     def old_and_ref_logprobs(self, batch, rollout_lp) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -420,7 +421,7 @@ class GRPOTrainer(RolloutTrainer):
             "reward": scores.mean().item(),
             "reward_std": group_std.mean().item(),  # as TRL: the mean of the groups' reward stds
             "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-            **{f"rewards/{name}/mean": _nanmean(vals) for name, vals in per_fn.items()},
+            **{f"rewards/{name}/mean": nanmean(vals) for name, vals in per_fn.items()},
             "completions/mean_length": lengths.mean().item(),
             "completions/clipped_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
             **result.metrics,
@@ -433,8 +434,3 @@ class GRPOTrainer(RolloutTrainer):
         metrics["sampling/logp_diff_mean"] = (diff.sum() / mask.sum().clamp_min(1)).item()
         metrics["sampling/logp_diff_max"] = diff.max().item() if diff.numel() else 0.0
         return metrics
-
-
-def _nanmean(values: list) -> float:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else float("nan")

@@ -7,7 +7,7 @@ import pytest
 from engine.metrics import PLOTTED, MetricsLogger, plot_run, read_metrics
 
 
-def test_logger_writes_one_json_line_per_step_and_skips_non_numbers(tmp_path):
+def test_logger_writes_one_json_line_per_step(tmp_path):
     logger = MetricsLogger(tmp_path)
     logger.log(1, {"reward": 0.5, "kl": 0.01})
     logger.log(2, {"reward": 0.75, "kl": 0.02})

@@ -4,6 +4,8 @@ checks that must read device memory say so in their docstring."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -38,9 +40,21 @@ def check_same_device(tensors: dict[str, torch.Tensor | None]) -> None:
 
 
 def check_mask(name: str, mask: object, shape_name: str, like: torch.Tensor) -> torch.Tensor:
-    """Check a ``[B, T]`` mask (bool or {0, 1} numbers) that must match ``like``'s shape; return it."""
+    """Check a ``[B, T]`` mask (bool or {0, 1} numbers) that must match ``like``'s shape; return it.
+
+    TypeError: not a tensor, or not bool/integer/float. ValueError: another shape, or a number mask holding a value
+    other than 0 and 1 (0.5, 2, NaN): the kernels weight tokens by the mask, so such a mask would silently reweight
+    them. The value check is one reduction over a non-bool mask and reads one flag back to the host (one device
+    synchronisation); a bool mask needs none."""
     check_tensor(name, mask, dtypes=_MASK_DTYPES)
     check_same_shape(name, mask, shape_name, like)
+    if mask.dtype != torch.bool and mask.numel():
+        bad = (mask != 0) & (mask != 1)  # NaN compares unequal to both: rejected too
+        if bool(bad.any()):
+            first = int(bad.flatten().nonzero()[0, 0])
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), mask.shape))
+            raise ValueError(f"{name} must be bool or hold only 0 and 1, got {mask.flatten()[first].item()} at "
+                             f"index {where}")
     return mask
 
 
@@ -51,10 +65,20 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """Raise ``ValueError`` unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
+def check_finite(name: str, value: object) -> float:
+    """Return ``value`` as a float. TypeError unless it is a real number (bool is not); ValueError when it is NaN or
+    infinite (a NaN hyper-parameter passes every ``<``/``>`` range check and then poisons the loss)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Raise ``ValueError`` unless ``value`` is finite and > 0 (or >= 0 with ``allow_zero``); ``TypeError`` unless it
+    is a number. Returns it as a float."""
+    check_finite(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}")

@@ -11,7 +11,8 @@ mean ``mu_g`` and standard deviation ``sigma_g``:
 
 ``sigma_g``: Bessel-corrected (``unbiased_std=True``, the default: ``torch.std`` in veRL, OpenRLHF and TRL's
 ``nanstd``) or the population std (``unbiased_std=False``, e.g. RL-Kernel). ``epsilon`` differs per anchor: TRL 1e-4,
-veRL 1e-6 (our default), OpenRLHF 1e-9. (veRL's ``grpo_vectorized`` also floors the variance at epsilon: not done
+veRL 1e-6 (our default), OpenRLHF 1e-9; it must be > 0 (with 0, a group of equal scores, common with 0/1 rewards,
+gives 0 / 0 = NaN). (veRL's ``grpo_vectorized`` also floors the variance at epsilon: not done
 here; it only changes groups whose std is below 1e-3.) The group mean is computed shifted by the group's first score
 (``mu = R_0 + mean(R - R_0)``), so a group of identical scores has a mean equal to them *exactly* and gets advantage
 0, never rounding noise amplified by ``1 / epsilon``.
@@ -26,7 +27,9 @@ whole tensor, not per row), with ``n = sum(m)``:
     var = sum(m * (v - mu)^2) / n * n / (n - 1)          (Bessel-corrected; veRL raises when n is 0 or 1)
     out = (v - mu) * rsqrt(var + epsilon)   (+ mu when shift_mean=False)
 
-Every position is whitened, masked ones included (veRL does not zero them; multiply by the mask when needed).
+Every position is whitened, masked ones included (veRL does not zero them; select with ``torch.where(mask, out, 0)``
+when needed). The statistics read only the selected entries (masked loads / ``torch.where``, never ``m * v``), so
+NaN/inf at a masked entry changes no other output; that entry's own output is computed from its own value.
 veRL's ``masked_mean`` divides by ``n + 1e-8``: a relative change below 1e-8, under float32 resolution, not copied.
 OpenRLHF whitens with the biased variance and ``rsqrt(max(var, 1e-8))``; TRL's ``masked_whiten`` is veRL's.
 
@@ -98,10 +101,11 @@ def masked_whiten_ref(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool
     """Plain-PyTorch masked whitening (the spec): float64 in -> float64 out, else float32. Raises like veRL when
     ``sum(mask)`` is 0 or 1 (a host synchronisation)."""
     dtype = compute_dtype(values)
-    v, m = values.to(dtype), mask.to(dtype)
+    v, m = values.to(dtype), mask.bool()
     n = _check_mask_count(mask)
-    mean = (v * m).sum() / n
-    var = (m * (v - mean).square()).sum() / n * (n / (n - 1))
+    zero = torch.zeros((), dtype=dtype, device=v.device)
+    mean = torch.where(m, v, zero).sum() / n  # where, not v * m: a masked NaN must not reach the statistics
+    var = torch.where(m, (v - mean).square(), zero).sum() / n * (n / (n - 1))
     whitened = (v - mean) * torch.rsqrt(var + epsilon)
     if not shift_mean:
         whitened = whitened + mean
@@ -179,9 +183,8 @@ def _masked_sum_kernel(
     acc = tl.zeros([BLOCK], tl.float32)
     for _ in range(pid * BLOCK, N, NUM_PROGRAMS * BLOCK):  # grid-stride
         ok = offs < N
-        v = tl.load(V + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(M + offs, mask=ok, other=0).to(tl.float32)
-        acc += m * v
+        live = ok & (tl.load(M + offs, mask=ok, other=0) != 0)
+        acc += tl.load(V + offs, mask=live, other=0.0).to(tl.float32)  # masked entries are never read
         offs += NUM_PROGRAMS * BLOCK
     tl.store(PART + pid, tl.sum(acc, axis=0))
 
@@ -211,9 +214,9 @@ def _masked_sq_dev_kernel(
     acc = tl.zeros([BLOCK], tl.float32)
     for _ in range(pid * BLOCK, N, NUM_PROGRAMS * BLOCK):
         ok = offs < N
-        v = tl.load(V + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(M + offs, mask=ok, other=0).to(tl.float32)
-        acc += m * (v - mean) * (v - mean)
+        live = ok & (tl.load(M + offs, mask=ok, other=0) != 0)
+        v = tl.load(V + offs, mask=live, other=0.0).to(tl.float32)  # masked entries are never read
+        acc += tl.where(live, (v - mean) * (v - mean), 0.0)
         offs += NUM_PROGRAMS * BLOCK
     tl.store(PART_SQ + pid, tl.sum(acc, axis=0))
 
@@ -302,8 +305,8 @@ def group_advantages(scores: torch.Tensor, num_generations: int, *, estimator: s
         norm_by_std: grpo only; False = Dr. GRPO (``R - mean_g``, veRL ``norm_adv_by_std_in_grpo=False``, TRL
             ``scale_rewards="none"``). Default True.
         unbiased_std: grpo only; True (default) = Bessel-corrected std (veRL, OpenRLHF, TRL), False = population std.
-        epsilon: >= 0 added to the std (default 1e-6 = veRL; TRL uses 1e-4, OpenRLHF 1e-9). With 0, a group of
-            identical scores gives 0/0 = NaN.
+        epsilon: > 0 and finite, added to the std (default 1e-6 = veRL; TRL uses 1e-4, OpenRLHF 1e-9). 0 is
+            rejected: a group of identical scores would give 0 / 0 = NaN.
 
     Returns:
         ``[B]`` float32 advantages (float64 for float64 scores), in units of score (Dr. GRPO, rloo) or of group std
@@ -312,12 +315,12 @@ def group_advantages(scores: torch.Tensor, num_generations: int, *, estimator: s
     Raises:
         TypeError: ``scores`` not a float tensor; ``num_generations`` not an int; ``epsilon`` not a number.
         ValueError: ``scores`` not 1-D; ``num_generations`` < 1 or not dividing ``B``; unknown ``estimator``;
-            ``epsilon`` < 0.
+            ``epsilon`` <= 0, NaN or infinite.
     """
     check_tensor("scores", scores, ndim=1)
     G = _check_num_generations(num_generations, scores.shape[0])
     est = check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
-    epsilon = check_positive("epsilon", epsilon, allow_zero=True)
+    epsilon = check_positive("epsilon", epsilon)  # > 0: with 0 a group of equal scores is 0 / 0
     norm_by_std, unbiased_std = bool(norm_by_std), bool(unbiased_std)
     s = scores.detach()
     if use_triton("group_advantages", s):
@@ -332,19 +335,21 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
     Args:
         values: ``[B, T]`` (any shape) float32/bf16/fp16/fp64, e.g. GAE advantages or REINFORCE++ returns.
         mask: same shape, bool or {0, 1} numbers; selects the entries the statistics are taken over (whole tensor).
+            Unselected entries are never read into the statistics (NaN/inf there is harmless to the others).
         shift_mean: True (default) = zero-mean output; False adds the mean back (only the scale changes).
-        epsilon: >= 0 added to the variance under the square root (default 1e-8, as veRL).
+        epsilon: >= 0 and finite, added to the variance under the square root (default 1e-8, as veRL).
 
     Returns:
         float32 (float64 for float64 values) tensor of ``values``' shape: ``(v - mean) * rsqrt(var + epsilon)``
         (``+ mean`` without ``shift_mean``) at *every* position, masked ones included (veRL does not zero them:
-        multiply by the mask if needed). Not differentiable.
+        select with ``torch.where(mask, out, 0)`` if needed). Not differentiable.
 
     Raises:
         TypeError: non-float ``values``, a mask of another dtype, ``epsilon`` not a number.
-        ValueError: shape or device mismatch; ``epsilon`` < 0; ``sum(mask)`` equal to 0 or 1 (veRL raises too: the
-            unbiased variance needs two entries). This check reads ``sum(mask)`` back to the host: one device
-            synchronisation per call, before any kernel launch.
+        ValueError: shape or device mismatch; ``epsilon`` < 0 or not finite; a non-bool mask holding values other
+            than 0 and 1; ``sum(mask)`` equal to 0 or 1 (veRL raises too: the unbiased variance needs two entries).
+            These checks read ``sum(mask)`` (and, for a non-bool mask, one flag) back to the host: one or two device
+            synchronisations per call, before any kernel launch.
     """
     check_tensor("values", values)
     check_mask("mask", mask, "values", values)

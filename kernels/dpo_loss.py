@@ -244,8 +244,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Raises:
         TypeError: non-tensor or non-float inputs, non-numeric ``beta``/``label_smoothing``. ValueError: inputs not
-            1-D, shape or device mismatch among the four, ``B == 0``, ``beta <= 0``, unknown ``loss_type``,
-            ``label_smoothing`` outside ``[0, 0.5)`` or non-zero with ``ipo``.
+            1-D, shape or device mismatch among the four, ``B == 0``, ``beta <= 0``, NaN or infinite ``beta`` /
+            ``label_smoothing``, unknown ``loss_type``, ``label_smoothing`` outside ``[0, 0.5)`` or non-zero with
+            ``ipo``.
     """
     inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     for name, x in zip(_ARG_NAMES, inputs):

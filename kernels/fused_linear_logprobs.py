@@ -26,8 +26,11 @@ _DEFAULT_CHUNK_ELEMS = 1 << 25  # 32M float32 logits per tile = 128 MiB (x2 with
 
 def fused_linear_logprobs_ref(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
                               return_entropy=False):
-    """Plain-PyTorch reference: materialises the logits (in float64 for float64 inputs, float32 otherwise)."""
+    """Plain-PyTorch reference: materialises the logits (in float64 for float64 inputs, float32 otherwise). Rows at
+    ``ignore_index`` are zeroed before the product, so NaN/inf hidden states there reach no gradient (``0 * nan``)."""
     dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    keep = (labels != ignore_index).unsqueeze(-1)
+    hidden = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     logits = hidden.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
         logits = logits + bias.to(dtype)
@@ -101,8 +104,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 dz, = torch.autograd.grad(outs, (z,), grads)
             if need_h:
                 dh[s:s + chunk] = _matmul_fp32(dz, weight)
-            if need_w:
-                dw += _matmul_fp32(dz.t(), h)
+            if need_w:  # ignored rows have dz = 0, but 0 * nan is NaN: drop their hidden states from dW
+                keep = (labels[s:s + chunk] != ignore_index).unsqueeze(-1)
+                dw += _matmul_fp32(dz.t(), torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)))
             if need_b:
                 db += dz.sum(0)
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
@@ -122,7 +126,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         labels: ``[N]`` int64/int32 target ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias; differentiable.
         temperature: > 0; the logits are divided by it (sampling temperature of the rollout).
-        ignore_index: label value whose log-prob (and entropy) is 0 with zero gradient (default -100).
+        ignore_index: label value whose log-prob (and entropy) is 0 with zero gradient (default -100); the hidden
+            states of such rows reach no output and no gradient (NaN/inf there is harmless).
         return_entropy: also return the entropy of each row's distribution.
         chunk_size: tokens per chunk ``C``; default keeps a float32 ``[C, V]`` tile at 32M elements (128 MiB).
 
@@ -132,7 +137,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     Raises:
         TypeError / ValueError: wrong ranks, dtypes, devices, ``H`` or ``V`` mismatches, labels outside
-        ``[0, V)`` (a host sync, as in ``logprobs_from_logits``), ``temperature`` <= 0, ``chunk_size`` < 1.
+        ``[0, V)`` (a host sync, as in ``logprobs_from_logits``), ``temperature`` <= 0 or not finite,
+        ``chunk_size`` < 1.
     """
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)

@@ -13,7 +13,8 @@ state ``nv = 0`` (next value) and ``A = 0`` (running advantage):
 
 So a masked token (padding, or a tool/observation span inside the response) is skipped: the advantage of the token
 before it bootstraps from the next *unmasked* value, and the masked token itself holds the advantage carried from
-the right (0 on trailing padding).
+the right (0 on trailing padding). The two state updates are selections (``where(m_t, new, old)``), not the products
+written above, so a NaN/inf reward or value at a masked token never enters the state (``0 * nan`` would be NaN).
 
 GAE, OpenRLHF/TRL semantics (``skip_masked=False``; OpenRLHF ``experience_maker.get_advantages_and_returns``):
 
@@ -21,6 +22,8 @@ GAE, OpenRLHF/TRL semantics (``skip_masked=False``; OpenRLHF ``experience_maker.
     delta_t = r_t + gamma * V_{t+1} - V_t           # V_T = 0
     A_t     = delta_t + gamma * lam * A_{t+1}       # A_T = 0
     ret_t   = A_t + V_t                             # the masked V
+
+(computed as ``where(m, V, 0)``, ``where(m, r, 0)``: NaN/inf at masked tokens is dropped, not multiplied by 0).
 
 Where they differ: for pure right padding the advantages are identical everywhere and the returns are identical on
 the response tokens (on the padding veRL's returns hold ``V_t``, OpenRLHF's hold 0). With a masked token *inside*
@@ -35,7 +38,12 @@ Discounted returns (REINFORCE, REINFORCE++; veRL ``compute_reinforce_plus_plus_o
 
     running = r_t + gamma * running;   ret_t = running;   running = running * m_t
 
-(the running return restarts after every masked token: for right padding, each padded token holds its own reward).
+(the running return restarts after every masked token: for right padding, each padded token holds its own reward;
+the restart is ``where(m_t, running, 0)``).
+
+Masked inputs never leak: a NaN/inf reward or value at a masked token changes no advantage anywhere and no output at
+any other token. The only outputs that read a masked token's own input are the ones documented above as holding it:
+veRL's return ``adv_t + V_t`` and the discounted return ``r_t + gamma * G_{t+1}`` *at that token*.
 
 Why a kernel: the reference is a Python loop of T steps, 5-8 tiny launches each (tens of thousands of launches for a
 4k-token response); the kernel is one launch that keeps the state in registers and reads each input once.
@@ -65,7 +73,7 @@ def gae_ref(token_level_rewards: torch.Tensor, values: torch.Tensor, response_ma
             gamma: float = 1.0, lam: float = 1.0, skip_masked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch GAE (the spec; formulas in the module docstring): float64 in -> float64 out, else float32."""
     dtype = compute_dtype(token_level_rewards, values)
-    r, v, m = token_level_rewards.to(dtype), values.to(dtype), response_mask.to(dtype)
+    r, v, m = token_level_rewards.to(dtype), values.to(dtype), response_mask.bool()
     B, T = r.shape
     adv = torch.zeros((B, T), dtype=dtype, device=r.device)
     nextvalue = torch.zeros(B, dtype=dtype, device=r.device)
@@ -74,11 +82,13 @@ def gae_ref(token_level_rewards: torch.Tensor, values: torch.Tensor, response_ma
         for t in reversed(range(T)):
             delta = r[:, t] + gamma * nextvalue - v[:, t]
             gae_new = delta + gamma * lam * lastgaelam
-            nextvalue = v[:, t] * m[:, t] + (1 - m[:, t]) * nextvalue
-            lastgaelam = gae_new * m[:, t] + (1 - m[:, t]) * lastgaelam
+            # where, not v*m + (1-m)*nv: a NaN at a masked token must not enter the carried state
+            nextvalue = torch.where(m[:, t], v[:, t], nextvalue)
+            lastgaelam = torch.where(m[:, t], gae_new, lastgaelam)
             adv[:, t] = lastgaelam
         return adv, adv + v
-    v, r = v * m, r * m
+    zero = torch.zeros((), dtype=dtype, device=r.device)
+    v, r = torch.where(m, v, zero), torch.where(m, r, zero)
     for t in reversed(range(T)):
         delta = r[:, t] + gamma * nextvalue - v[:, t]
         lastgaelam = delta + gamma * lam * lastgaelam
@@ -91,14 +101,14 @@ def discounted_returns_ref(token_level_rewards: torch.Tensor, response_mask: tor
                            gamma: float = 1.0) -> torch.Tensor:
     """Plain-PyTorch discounted returns (the spec): float64 in -> float64 out, else float32."""
     dtype = compute_dtype(token_level_rewards)
-    r, m = token_level_rewards.to(dtype), response_mask.to(dtype)
+    r, m = token_level_rewards.to(dtype), response_mask.bool()
     B, T = r.shape
     returns = torch.zeros((B, T), dtype=dtype, device=r.device)
     running = torch.zeros(B, dtype=dtype, device=r.device)
     for t in reversed(range(T)):
         running = r[:, t] + gamma * running
         returns[:, t] = running
-        running = running * m[:, t]
+        running = torch.where(m[:, t], running, torch.zeros_like(running))  # restart; a masked NaN stays put
     return returns
 
 
@@ -130,15 +140,16 @@ def _gae_fwd_kernel(
     for _ in range(0, T):
         r = tl.load(r_ptrs, mask=valid, other=0.0).to(tl.float32)
         v = tl.load(v_ptrs, mask=valid, other=0.0).to(tl.float32)
-        m = tl.load(m_ptrs, mask=valid, other=0).to(tl.float32)
+        live = tl.load(m_ptrs, mask=valid, other=0) != 0
+        # selections, not products with the mask: NaN/inf at a masked token never enters the state
         if SKIP_MASKED:  # veRL
             delta = r + gamma * nextvalue - v
             gae_new = delta + gamma_lam * lastgaelam
-            nextvalue = v * m + (1.0 - m) * nextvalue
-            lastgaelam = gae_new * m + (1.0 - m) * lastgaelam
+            nextvalue = tl.where(live, v, nextvalue)
+            lastgaelam = tl.where(live, gae_new, lastgaelam)
         else:  # OpenRLHF / TRL
-            v = v * m
-            delta = r * m + gamma * nextvalue - v
+            v = tl.where(live, v, 0.0)
+            delta = tl.where(live, r, 0.0) + gamma * nextvalue - v
             lastgaelam = delta + gamma_lam * lastgaelam
             nextvalue = v
         tl.store(ADV + o_offs, lastgaelam, mask=valid)
@@ -169,10 +180,10 @@ def _discounted_returns_fwd_kernel(
     running = tl.zeros([BLOCK_B], tl.float32)
     for _ in range(0, T):
         r = tl.load(r_ptrs, mask=valid, other=0.0).to(tl.float32)
-        m = tl.load(m_ptrs, mask=valid, other=0).to(tl.float32)
+        live = tl.load(m_ptrs, mask=valid, other=0) != 0
         running = r + gamma * running
         tl.store(RET + o_offs, running, mask=valid)
-        running = running * m
+        running = tl.where(live, running, 0.0)  # restart after a masked token; a NaN there stays put
         r_ptrs -= stride_rt
         m_ptrs -= stride_mt
         o_offs -= 1
@@ -224,7 +235,9 @@ def gae(token_level_rewards: torch.Tensor, values: torch.Tensor, response_mask: 
         token_level_rewards: ``[B, T]`` float32/bf16/fp16/fp64 per-token rewards (e.g. ``-kl_coef * kl`` plus the
             sequence score on the last response token), in reward units.
         values: ``[B, T]`` float critic values ``V(s_t)``, same units.
-        response_mask: ``[B, T]`` bool or {0, 1} numbers; 1 on the response tokens that take part.
+        response_mask: ``[B, T]`` bool or {0, 1} numbers; 1 on the response tokens that take part. NaN/inf in the
+            rewards or values of masked tokens never reaches an advantage (module docstring). A non-bool mask is
+            checked for other values (one reduction, one host sync).
         gamma: discount factor in [0, 1] (default 1.0, veRL/OpenRLHF default).
         lam: GAE lambda in [0, 1] (default 1.0, veRL/OpenRLHF default).
         skip_masked: True (default) = veRL: masked tokens are skipped, the recurrence state is carried across them and
@@ -233,14 +246,15 @@ def gae(token_level_rewards: torch.Tensor, values: torch.Tensor, response_mask: 
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]`` float32 (float64 when an input is float64), with
-        ``returns = advantages + values`` (``values * response_mask`` when ``skip_masked=False``). Not whitened: apply
+        ``returns = advantages + values`` (``where(response_mask, values, 0)`` when ``skip_masked=False``). Masked
+        tokens hold the carried advantage (0 on trailing padding and on fully masked rows). Not whitened: apply
         :func:`kernels.advantages.masked_whiten` for veRL's PPO recipe. Not differentiable (no autograd graph is
         recorded through the kernel; advantages and returns are constants of the loss).
 
     Raises:
         TypeError: non-tensor or non-float inputs, a mask of another dtype, non-numeric ``gamma``/``lam``.
         ValueError: inputs that are not 2-D or do not share one shape or one device; ``gamma`` or ``lam`` outside
-            [0, 1].
+            [0, 1] (NaN and inf included); a non-bool mask holding values other than 0 and 1.
     """
     check_tensor("token_level_rewards", token_level_rewards, ndim=2)
     check_tensor("values", values, ndim=2)
@@ -263,8 +277,9 @@ def discounted_returns(token_level_rewards: torch.Tensor, response_mask: torch.T
 
     Args:
         token_level_rewards: ``[B, T]`` float32/bf16/fp16/fp64 per-token rewards, in reward units.
-        response_mask: ``[B, T]`` bool or {0, 1} numbers; the running return is multiplied by ``m_t`` after it is
-            stored at ``t`` (veRL ``compute_reinforce_plus_plus_outcome_advantage``), so masked tokens cut the sum.
+        response_mask: ``[B, T]`` bool or {0, 1} numbers; the running return is reset to 0 after it is stored at a
+            masked ``t`` (veRL ``compute_reinforce_plus_plus_outcome_advantage`` multiplies by ``m_t``; we select, so a
+            NaN reward at a masked token stays at that token). A non-bool mask is checked (one host sync).
         gamma: discount factor in [0, 1] (default 1.0).
 
     Returns:
@@ -273,7 +288,8 @@ def discounted_returns(token_level_rewards: torch.Tensor, response_mask: torch.T
 
     Raises:
         TypeError: non-tensor or non-float rewards, a mask of another dtype, non-numeric ``gamma``.
-        ValueError: rewards not 2-D, mask of another shape or device, ``gamma`` outside [0, 1].
+        ValueError: rewards not 2-D, mask of another shape or device or holding values other than 0 and 1,
+            ``gamma`` outside [0, 1].
     """
     check_tensor("token_level_rewards", token_level_rewards, ndim=2)
     check_mask("response_mask", response_mask, "token_level_rewards", token_level_rewards)

@@ -179,7 +179,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_estimator:
 
     Raises:
         TypeError: non-tensor or non-float inputs. ValueError: shape or device mismatch, unknown estimator,
-            ``max_kl`` <= 0.
+            ``max_kl`` <= 0 or not finite (None is the way to turn the clamp off).
     """
     check_tensor("logprobs", logprobs)
     check_tensor("ref_logprobs", ref_logprobs)

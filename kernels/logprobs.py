@@ -9,7 +9,9 @@ With ``s = logits / T`` (``T`` the sampling temperature) and ``y`` the label of 
     d H  / d logits_j = p_j (E_p[s] - s_j) / T         (E_p[s] = sum_k p_k s_k)
 
 Rows whose label equals ``ignore_index`` give ``lp = 0`` and ``H = 0``, with zero gradient (F.cross_entropy's
-``ignore_index`` semantics; the entropy is masked too, since such rows are prompt/padding positions).
+``ignore_index`` semantics; the entropy is masked too, since such rows are prompt/padding positions). Such rows are
+never read (the kernel returns before loading them; the reference selects them away first), so NaN/inf logits there
+change no output and no gradient.
 
 Sources: the formulas of TRL ``trl/kernels/logprob_entropy.py`` and ``selective_log_softmax``, veRL
 ``logprobs_from_logits`` / ``verl_F.entropy_from_logits``, Liger ``fused_selective_log_softmax`` (our
@@ -61,8 +63,10 @@ def logprobs_from_logits_ref(logits: torch.Tensor, labels: torch.Tensor, *, temp
     """Plain-PyTorch ``log_softmax(logits / T)[label]`` (the spec); ignored rows are 0 with zero gradient.
 
     float64 for float64 input, else float32. With ``return_entropy``, returns ``(logprobs, entropy)``."""
-    logp = torch.log_softmax(_scaled_logits(logits, temperature), dim=-1)
     valid = labels != ignore_index
+    # ignored rows become 0 before the softmax: NaN logits there give neither a NaN output nor a 0 * nan gradient
+    logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    logp = torch.log_softmax(_scaled_logits(logits, temperature), dim=-1)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()  # any in-range index: the value is masked
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     lp = torch.where(valid, logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), zero)
@@ -326,10 +330,7 @@ def _check_logits(logits: object, temperature: object) -> float:
     check_tensor("logits", logits, dtypes=_LOGITS_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    temperature = check_positive("temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    return temperature
+    return check_positive("temperature", temperature)  # also rejects NaN and inf
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,

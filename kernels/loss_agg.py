@@ -1,18 +1,29 @@
 """Loss aggregation (``loss_agg_mode``): how per-token losses ``l[B, T]`` under a mask ``m[B, T]`` become one scalar.
 
-    token-mean               sum_i sum_t m*l / D_tok       D_tok = global_num_tokens, else max(sum m, 1)
-    seq-mean-token-mean      sum_i (sum_t m*l / max(sum_t m, 1)) / D_seq       D_seq = global_num_seqs, else B
+    token-mean               sum_i sum_t m*l / D_tok                       D_tok = global_num_tokens, else max(sum m, 1)
+    seq-mean-token-mean      sum_i (sum_t m*l / max(sum_t m, 1)) / D_seq
     seq-mean-token-sum       sum_i (sum_t m*l) / D_seq
-    seq-mean-token-sum-norm  sum_i (sum_t m*l) / loss_scale_factor             default loss_scale_factor = T
+    seq-mean-token-sum-norm  sum_i (sum_t m*l) / (D_seq * S)               S = loss_scale_factor, default T
 
-Source: veRL ``core_algos.agg_loss`` (same mode names; its ``seq-mean-token-sum-norm`` divides by ``T``, the Dr. GRPO
-constant; TRL's ``dr_grpo`` divides by ``B * max_completion_length``: pass ``loss_scale_factor=B*L`` for that).
-TRL's loss types map as ``dapo``/``bnpo`` -> token-mean, ``grpo`` -> seq-mean-token-mean, ``dr_grpo`` ->
-seq-mean-token-sum-norm. Fully masked rows contribute 0 (veRL's seq-mean-token-mean gives 0/0 = NaN there).
+    D_seq = global_num_seqs, else max(number of rows with sum_t m > 0, 1)
 
-Micro-batching: with the *global* denominators given (``global_num_tokens``, ``global_num_seqs``, a constant
-``loss_scale_factor``), the losses of the micro-batches SUM to the loss of the whole batch, and so do their gradients:
-gradient accumulation and data parallelism (sum of gradients) then reproduce the full-batch step exactly.
+Source: veRL ``core_algos.agg_loss`` and OpenRLHF ``aggregate_loss`` (current versions): the seq-mean modes average
+over the sequences that have at least one valid token (``seq_mask = mask.sum(-1) > 0``): a fully masked row adds 0 to
+the numerator and is not counted in ``D_seq`` (not averaged in as a zero), unless the caller gives the count
+(``global_num_seqs``, veRL's ``global_batch_size * dp_size``). veRL's ``seq-mean-token-sum-norm`` is that seq-mean of
+token sums divided by ``loss_scale_factor`` (default: the padded response length ``T``; older veRL divided by the
+horizon only). TRL's ``dr_grpo`` divides the token sum by ``B * max_completion_length``: the same number when every
+row has a token and ``loss_scale_factor = max_completion_length``. TRL's loss types map as ``dapo``/``bnpo`` ->
+token-mean, ``grpo`` -> seq-mean-token-mean, ``dr_grpo`` -> seq-mean-token-sum-norm.
+
+Masked positions never leak: every reduction *selects* the valid tokens (``torch.where`` / ``tl.where``, or a load
+masked by ``m``), it never multiplies by the mask, so NaN or inf at ``m = 0`` changes neither the loss, nor a metric,
+nor any gradient (``0 * nan`` is NaN; ``where(m, nan, 0)`` is 0, with a zero gradient).
+
+Micro-batching: with the *global* denominators given (``global_num_tokens``, ``global_num_seqs`` = the number of
+non-empty rows of the whole batch, a constant ``loss_scale_factor``), the losses of the micro-batches SUM to the loss
+of the whole batch, and so do their gradients: gradient accumulation and data parallelism (sum of gradients) then
+reproduce the full-batch step exactly. Without them each micro-batch divides by its own counts.
 
 Every aggregated loss is linear in the per-token losses: ``loss = sum_i w_i * sum_t m*l``, with a row weight ``w_i``
 that only depends on the mask. The fused losses (``ppo_loss``, ``value_loss``) therefore compute per-token losses and
@@ -25,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from kernels._backend import interpreting, tl, triton
-from kernels._checks import check_choice, check_positive
+from kernels._checks import check_choice, check_mask, check_positive, check_tensor
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 _MODE_ID = {name: i for i, name in enumerate(LOSS_AGG_MODES)}
@@ -33,7 +44,10 @@ _MODE_ID = {name: i for i, name in enumerate(LOSS_AGG_MODES)}
 
 def check_agg_args(loss_agg_mode: str, global_num_tokens, global_num_seqs, loss_scale_factor) -> tuple:
     """Validate the aggregation arguments; returns ``(mode, global_num_tokens, global_num_seqs, loss_scale_factor)``
-    as Python floats (or None). A 0-d tensor denominator is read with ``.item()``: one host synchronisation."""
+    as Python floats (or None). A 0-d tensor denominator is read with ``.item()``: one host synchronisation.
+
+    Raises ValueError for an unknown mode, a tensor of more than one element, or a denominator that is <= 0, NaN or
+    infinite (naming it and its value); TypeError for a denominator that is not a number."""
     check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     out = []
     for name, value in (("global_num_tokens", global_num_tokens), ("global_num_seqs", global_num_seqs),
@@ -49,26 +63,45 @@ def check_agg_args(loss_agg_mode: str, global_num_tokens, global_num_seqs, loss_
 def agg_loss_ref(loss_mat: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str = "token-mean", *,
                  global_num_tokens: float | None = None, global_num_seqs: float | None = None,
                  loss_scale_factor: float | None = None) -> torch.Tensor:
-    """Plain-PyTorch aggregation (the spec, formulas in the module docstring). ``loss_mat``, ``mask``: ``[B, T]``.
+    """Plain-PyTorch aggregation (the spec, formulas in the module docstring).
 
-    Returns a 0-d tensor in ``loss_mat``'s dtype."""
+    Args:
+        loss_mat: ``[B, T]`` float per-token losses; differentiable. Entries where ``mask`` is 0 are never read into
+            the result (NaN/inf there is harmless, their gradient is 0).
+        mask: ``[B, T]`` bool or {0, 1} numbers.
+        loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor: as in ``ppo_loss``; the denominators
+            are positive finite numbers or 1-element tensors (read with ``.item()``: one host sync each).
+
+    Returns:
+        A 0-d tensor in ``loss_mat``'s dtype.
+
+    Raises:
+        TypeError / ValueError: from ``check_agg_args``; ``loss_mat`` not a 2-D float tensor; ``mask`` of another
+        shape or (a non-bool mask, one host sync) holding values other than 0 and 1.
+    """
     mode, n_tok, n_seq, scale = check_agg_args(loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor)
-    m = mask.to(loss_mat.dtype)
-    row_sum = (loss_mat * m).sum(-1)
-    B, T = loss_mat.shape
+    check_tensor("loss_mat", loss_mat, ndim=2)
+    check_mask("mask", mask, "loss_mat", loss_mat)
+    valid = mask.bool()
+    row_sum = torch.where(valid, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)).sum(-1)
+    row_tok = valid.sum(-1).to(loss_mat.dtype)
     if mode == "token-mean":
-        return row_sum.sum() / (n_tok if n_tok is not None else m.sum().clamp_min(1.0))
+        return row_sum.sum() / (n_tok if n_tok is not None else row_tok.sum().clamp_min(1.0))
+    # rows without a valid token are not counted (veRL / OpenRLHF seq_mask), unless the caller gives the count
+    d_seq = n_seq if n_seq is not None else (row_tok > 0).sum().to(loss_mat.dtype).clamp_min(1.0)
     if mode == "seq-mean-token-mean":
-        return (row_sum / m.sum(-1).clamp_min(1.0)).sum() / (n_seq if n_seq is not None else B)
+        return (row_sum / row_tok.clamp_min(1.0)).sum() / d_seq
     if mode == "seq-mean-token-sum":
-        return row_sum.sum() / (n_seq if n_seq is not None else B)
-    return row_sum.sum() / (scale if scale is not None else T)
+        return row_sum.sum() / d_seq
+    return row_sum.sum() / (d_seq * (scale if scale is not None else loss_mat.shape[1]))
 
 
 def masked_mean_ref(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(x*m) / max(sum(m), 1)``: the token mean used by every metric (local to the batch given)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    """``sum_{m != 0} x / max(sum(m), 1)``: the token mean used by every metric (local to the batch given). Selects
+    with ``torch.where``, so NaN/inf where ``mask`` is 0 is never read. No input checks (callers validated)."""
+    valid = mask.bool()
+    total = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+    return total / valid.sum().to(x.dtype).clamp_min(1.0)
 
 
 @triton.jit
@@ -79,7 +112,7 @@ def _agg_rows_kernel(
     B,
     C,  # chunks per row
     n_tok,  # global token count (0 = use the local count)
-    n_seq,  # sequence count for the seq-mean modes
+    n_seq,  # global sequence count of the seq-mean modes (0 = the local count of non-empty rows)
     scale,  # loss_scale_factor for seq-mean-token-sum-norm
     NSTAT: tl.constexpr,
     N_WEIGHTED: tl.constexpr,
@@ -89,20 +122,30 @@ def _agg_rows_kernel(
 ):
     cols = tl.arange(0, BLOCK_S)
     col_ok = cols < NSTAT
-    # Pass 1: local token count, and the plain sums of every statistic (for the token-mean metrics).
+    # Pass 1: local token count, local count of non-empty rows, and the plain sums of every statistic (for the
+    # token-mean metrics).
     totals = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    nonempty = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         ok = (rows < B)[:, None] & col_ok[None, :]
+        row_stats = tl.zeros((BLOCK_B, BLOCK_S), dtype=tl.float32)
         for c in range(0, C):
             offs = (rows.to(tl.int64)[:, None] * C + c) * NSTAT + cols[None, :]
-            totals += tl.sum(tl.load(STATS + offs, mask=ok, other=0.0), axis=0)
+            row_stats += tl.load(STATS + offs, mask=ok, other=0.0)
+        totals += tl.sum(row_stats, axis=0)
+        row_tok = tl.sum(tl.where(cols[None, :] == 0, row_stats, 0.0), axis=1)
+        nonempty += tl.where(row_tok > 0, 1.0, 0.0)  # rows past B load 0 tokens
     local_tok = tl.sum(tl.where(cols == 0, totals, 0.0), axis=0)
     tok_denom = tl.maximum(local_tok, 1.0)
     if n_tok > 0:
         loss_tok_denom = n_tok
     else:
         loss_tok_denom = tok_denom
+    if n_seq > 0:
+        seq_denom = n_seq
+    else:  # veRL / OpenRLHF: fully masked rows are not counted
+        seq_denom = tl.maximum(tl.sum(nonempty, axis=0), 1.0)
     # Pass 2: row weights, and the weighted sums of the loss-like statistics.
     weighted = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for start in range(0, B, BLOCK_B):
@@ -117,11 +160,11 @@ def _agg_rows_kernel(
         if MODE == 0:
             w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / loss_tok_denom
         elif MODE == 1:
-            w = 1.0 / (n_seq * tl.maximum(row_tok, 1.0))
+            w = 1.0 / (seq_denom * tl.maximum(row_tok, 1.0))
         elif MODE == 2:
-            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / n_seq
+            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / seq_denom
         else:
-            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / scale
+            w = tl.zeros((BLOCK_B,), dtype=tl.float32) + 1.0 / (seq_denom * scale)
         tl.store(W + rows, w, mask=row_ok)
         weighted += tl.sum(tl.where(row_ok[:, None], row_stats * w[:, None], 0.0), axis=0)
     is_loss = (cols >= 1) & (cols <= N_WEIGHTED)
@@ -161,7 +204,8 @@ def _apply_row_weights_kernel(
 
 
 def as_kernel_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A contiguous mask the kernels can load: bool is viewed as uint8 (no copy), numbers pass through."""
+    """A contiguous mask the kernels can load: bool is viewed as uint8 (no copy), numbers pass through. The kernels
+    read the other inputs of a token only where the mask is non-zero (``check_mask`` guarantees {0, 1})."""
     mask = mask.contiguous()
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
@@ -180,7 +224,7 @@ def aggregate_rows(stats: torch.Tensor, n_weighted: int, agg: tuple, B: int, T: 
     out = torch.empty(nstat, dtype=torch.float32, device=stats.device)
     w = torch.empty(B, dtype=torch.float32, device=stats.device)
     _agg_rows_kernel[(1,)](
-        out, w, stats, B, stats.shape[1], float(n_tok or 0.0), float(n_seq or B), float(scale or T),
+        out, w, stats, B, stats.shape[1], float(n_tok or 0.0), float(n_seq or 0.0), float(scale or T),
         NSTAT=nstat, N_WEIGHTED=n_weighted, MODE=_MODE_ID[mode],
         BLOCK_B=32 if interpreting() else 256, BLOCK_S=triton.next_power_of_2(nstat),
     )

@@ -9,7 +9,11 @@ Per token (``lp`` = logprobs, ``old`` = old_logprobs, ``A`` = advantages, eps_l/
     dual clip (clip_ratio_c = c > 1, only where A < 0):  l = min(l, -A * c)              (Ye et al. 2020, veRL)
     l = l * rollout_is_weights                            (truncated IS correction; veRL, TRL, Liger)
     l = l + kl_coef * kl(lp, ref_logprobs)                (unclipped, not IS-weighted; TRL/Liger/veRL)
-    loss = agg(l, response_mask, loss_agg_mode)           (kernels.loss_agg)
+    loss = agg(l, response_mask, loss_agg_mode)           (kernels.loss_agg; seq-mean modes count non-empty rows)
+
+Masked tokens (``response_mask == 0``) are never read: NaN or inf in any input there changes neither the loss, nor a
+metric, nor the gradient, which is exactly 0 there (the kernel loads them under the mask, the reference selects them
+away with ``torch.where`` before any arithmetic).
 
 Gradient (computed in the forward: the loss is a terminal node, so nothing needs recomputing in backward):
     d l / d lp = -A * r * 1[L1 >= L2] * 1[|lp - old| <= 20] * (dual clip gate) * isw + kl_coef * d kl / d lp
@@ -17,8 +21,9 @@ Gradient (computed in the forward: the loss is a terminal node, so nothing needs
 Metrics (detached 0-d float32 tensors, token means over the local ``response_mask``, no host synchronisation):
 ``pg_loss`` (the aggregated policy-gradient part, without the KL term), ``pg_clipfrac`` = mean(L2 > L1),
 ``pg_clipfrac_lower`` = mean(A < 0 and max(L1, L2) > -A*c) (dual clip active; veRL), ``ppo_kl`` = mean(old - lp),
-``kl`` = mean(kl) (whenever ``ref_logprobs`` is given, also with ``kl_coef=0``; else 0), ``clip_ratio/low_mean`` = mean(r < 1 - eps_l and A < 0) and
-``clip_ratio/high_mean`` = mean(r > 1 + eps_h and A > 0) (TRL).
+``kl`` = mean(kl) (whenever ``ref_logprobs`` is given, also with ``kl_coef=0``; else 0),
+``clip_ratio/low_mean`` = mean(r < 1 - eps_l and A < 0) and ``clip_ratio/high_mean`` = mean(r > 1 + eps_h and A > 0)
+(TRL).
 
 Defaults: veRL ``vanilla`` (eps 0.2/0.2, token-mean); veRL turns dual clip on with c = 3 by default, TRL and OpenRLHF
 leave it off: ours is off (``clip_ratio_c=None``). Dims: ``B`` sequences, ``T`` response tokens.
@@ -31,6 +36,7 @@ import torch
 from kernels._backend import compute_dtype, tl, triton, use_triton
 from kernels._checks import (
     check_broadcast_rows,
+    check_finite,
     check_mask,
     check_positive,
     check_same_device,
@@ -64,11 +70,15 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_rati
     Same arguments and returns as ``ppo_loss``; computes in float64 for float64 inputs, float32 otherwise, and is
     differentiable through autograd (``torch.maximum``/``torch.minimum`` split ties evenly, as the kernel does)."""
     dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    lp, old = logprobs.to(dtype), old_logprobs.to(dtype)
-    adv = advantages.to(dtype)
-    if adv.dim() == 1:
-        adv = adv[:, None]
-    mask = response_mask.to(dtype)
+    valid = response_mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+
+    def live(x):  # masked tokens become 0 before any arithmetic: no NaN there, and a zero gradient, not 0 * nan
+        x = x.to(dtype)
+        return torch.where(valid, x[:, None] if x.dim() == 1 else x, zero)
+
+    lp, old, adv = live(logprobs), live(old_logprobs), live(advantages)
+    mask = valid
     log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     l1 = -adv * ratio
@@ -84,13 +94,12 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_rati
         pg_clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
         pg = clipped
     if rollout_is_weights is not None:
-        w = rollout_is_weights.to(dtype)
-        pg = pg * (w[:, None] if w.dim() == 1 else w)
+        pg = pg * live(rollout_is_weights)
     agg = dict(global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                loss_scale_factor=loss_scale_factor)
     pg_loss = agg_loss_ref(pg, mask, loss_agg_mode, **agg)
     if ref_logprobs is not None:
-        kl = kl_penalty_ref(lp, ref_logprobs.to(dtype).detach(), kl_estimator)
+        kl = kl_penalty_ref(lp, live(ref_logprobs.detach()), kl_estimator)
         per_token = pg + kl_coef * kl
         kl_mean = masked_mean_ref(kl, mask)
     else:
@@ -137,10 +146,12 @@ def _ppo_loss_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     row, cols, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
-    lp = tl.load(LP + offs, mask=ok, other=0.0).to(tl.float32)
-    old = tl.load(OLD + offs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)
-    adv = tl.load(ADV + row.to(tl.int64) * stride_adv_b + cols * stride_adv_t, mask=ok, other=0.0).to(tl.float32)
+    # Masked tokens are never read: they load as 0, so NaN/inf there cannot reach the loss, metrics or gradient.
+    live = ok & (m != 0)
+    lp = tl.load(LP + offs, mask=live, other=0.0).to(tl.float32)
+    old = tl.load(OLD + offs, mask=live, other=0.0).to(tl.float32)
+    adv = tl.load(ADV + row.to(tl.int64) * stride_adv_b + cols * stride_adv_t, mask=live, other=0.0).to(tl.float32)
 
     raw = lp - old
     log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
@@ -163,13 +174,14 @@ def _ppo_loss_fwd_kernel(
     else:
         clipfrac_lower = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if HAS_ISW:
-        isw = tl.load(ISW + row.to(tl.int64) * stride_isw_b + cols * stride_isw_t, mask=ok, other=0.0).to(tl.float32)
+        isw_ptrs = ISW + row.to(tl.int64) * stride_isw_b + cols * stride_isw_t
+        isw = tl.load(isw_ptrs, mask=live, other=0.0).to(tl.float32)
         pg = pg * isw
         dpg = dpg * isw
     loss = pg
     dl = dpg
     if HAS_KL:
-        ref = tl.load(REF + offs, mask=ok, other=0.0).to(tl.float32)
+        ref = tl.load(REF + offs, mask=live, other=0.0).to(tl.float32)
         kl, dkl = _kl_value_and_grad(lp, ref, KL_ESTIMATOR, False, 0.0)
         loss = loss + kl_coef * kl
         dl = dl + kl_coef * dkl
@@ -239,21 +251,27 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
             current policy; the only differentiable input.
         old_logprobs: ``[B, T]``, log-probs under the policy that sampled them (no gradient).
         advantages: ``[B, T]`` per token, or ``[B]`` / ``[B, 1]`` per sequence (GRPO), broadcast over tokens.
-        response_mask: ``[B, T]`` bool or {0, 1}; tokens outside it have zero loss and zero gradient.
-        clip_ratio_low, clip_ratio_high: clip range ``[1 - low, 1 + high]`` of the ratio (>= 0; DAPO clip-higher
-            uses high = 0.28). ``clip_ratio_low`` must be <= 1.
-        clip_ratio_c: dual-clip bound (> 1, veRL uses 3.0) for negative advantages; None (default) = off.
+        response_mask: ``[B, T]`` bool or {0, 1} numbers (a non-bool mask is checked for other values: one
+            reduction and one host sync); tokens outside it are never read: zero loss, zero gradient, and NaN/inf
+            in any input there is harmless.
+        clip_ratio_low, clip_ratio_high: clip range ``[1 - low, 1 + high]`` of the ratio (finite, >= 0; DAPO
+            clip-higher uses high = 0.28). ``clip_ratio_low`` must be <= 1.
+        clip_ratio_c: dual-clip bound (finite, > 1, veRL uses 3.0) for negative advantages; None (default) = off.
         loss_agg_mode: ``token-mean`` (default), ``seq-mean-token-mean``, ``seq-mean-token-sum``,
             ``seq-mean-token-sum-norm``; formulas in ``kernels.loss_agg``.
         ref_logprobs: ``[B, T]`` reference log-probs; required when ``kl_coef`` > 0.
-        kl_coef: weight (>= 0) of the KL term added to every token's loss, unclipped.
+        kl_coef: weight (finite, >= 0) of the KL term added to every token's loss, unclipped.
         kl_estimator: ``k1``, ``k2``, ``k3`` (default) or ``abs`` (see ``kernels.kl``).
         rollout_is_weights: ``[B, T]`` or ``[B]`` importance weights (e.g. truncated pi_old / pi_rollout) multiplying
             the policy-gradient term (not the KL term); no gradient.
-        global_num_tokens: token-mean denominator over the whole (global) batch; a number or 1-element tensor
-            (a tensor is read with ``.item()``: one host sync). Without it the local token count is used.
-        global_num_seqs: the sequence count of the seq-mean modes over the whole batch (default ``B``).
-        loss_scale_factor: the constant of ``seq-mean-token-sum-norm`` (default ``T``).
+        global_num_tokens: token-mean denominator over the whole (global) batch; a positive finite number or
+            1-element tensor (a tensor is read with ``.item()``: one host sync). Without it the local token count is
+            used.
+        global_num_seqs: the sequence count of the seq-mean modes over the whole batch: the number of rows with at
+            least one response token (veRL/OpenRLHF). Default: that count in this call's ``response_mask`` (fully
+            masked rows are excluded, never averaged in as zeros), at least 1.
+        loss_scale_factor: the constant of ``seq-mean-token-sum-norm``, which divides the seq-mean of token sums
+            (default ``T``; pass TRL's ``max_completion_length`` for its ``dr_grpo``).
             With global denominators, micro-batch losses sum to the full-batch loss (``kernels.loss_agg``).
 
     Returns:
@@ -261,9 +279,11 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         (gradient in ``logprobs.dtype``); ``metrics`` a dict of detached 0-d tensors named in the module docstring.
 
     Raises:
-        TypeError: non-tensor or wrongly typed inputs. ValueError: shape/device mismatches, negative or out-of-range
-        clip ratios, ``clip_ratio_c`` <= 1, ``kl_coef`` < 0 or > 0 without ``ref_logprobs``, unknown
-        ``kl_estimator`` or ``loss_agg_mode``, non-positive denominators.
+        TypeError: non-tensor or wrongly typed inputs, non-numeric hyper-parameters. ValueError: shape/device
+        mismatches, a non-bool ``response_mask`` holding values other than 0 and 1, NaN or infinite
+        hyper-parameters or denominators (named with their value), negative or out-of-range clip ratios,
+        ``clip_ratio_c`` <= 1, ``kl_coef`` < 0 or > 0 without ``ref_logprobs``, unknown ``kl_estimator`` or
+        ``loss_agg_mode``, non-positive denominators.
     """
     check_tensor("logprobs", logprobs, ndim=2)
     check_tensor("old_logprobs", old_logprobs)
@@ -283,8 +303,12 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     if clip_ratio_low > 1.0:
         raise ValueError(f"clip_ratio_low must be <= 1 (the ratio's lower bound is 1 - clip_ratio_low), "
                          f"got {clip_ratio_low}")
-    if clip_ratio_c is not None and not (isinstance(clip_ratio_c, (int, float)) and clip_ratio_c > 1.0):
-        raise ValueError(f"clip_ratio_c must be a number > 1 (dual-clip lower bound) or None, got {clip_ratio_c!r}")
+    if clip_ratio_c is not None:
+        if isinstance(clip_ratio_c, (int, float)) and not isinstance(clip_ratio_c, bool):
+            check_finite("clip_ratio_c", clip_ratio_c)
+        if not (isinstance(clip_ratio_c, (int, float)) and clip_ratio_c > 1.0):
+            raise ValueError(f"clip_ratio_c must be a number > 1 (dual-clip lower bound) or None, "
+                             f"got {clip_ratio_c!r}")
     check_positive("kl_coef", kl_coef, allow_zero=True)
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logprobs (got None); pass kl_coef=0.0 to train without "

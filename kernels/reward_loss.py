@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._backend import compute_dtype, tl, triton, use_triton
-from kernels._checks import check_positive, check_same_device, check_same_shape, check_tensor
+from kernels._checks import check_finite, check_positive, check_same_device, check_same_shape, check_tensor
 from kernels._math import _logsigmoid, _sigmoid
 
 
@@ -179,7 +179,8 @@ def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.T
 
     Raises:
         TypeError: non-tensor or non-float rewards or margin tensor, non-numeric margin or coefficient.
-        ValueError: rewards not 1-D, shape or device mismatch (margin included), ``B == 0``, negative coefficient.
+        ValueError: rewards not 1-D, shape or device mismatch (margin included), ``B == 0``, negative coefficient,
+        a NaN or infinite float ``margin`` or coefficient.
     """
     check_tensor("chosen_rewards", chosen_rewards, ndim=1)
     check_tensor("rejected_rewards", rejected_rewards, ndim=1)
@@ -191,7 +192,7 @@ def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.T
     elif margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
         raise TypeError(f"margin must be None, a number or a [B] tensor, got {type(margin).__name__}")
     elif margin is not None:
-        margin = float(margin)
+        margin = check_finite("margin", margin)
     check_same_device({"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
                        "margin": margin if isinstance(margin, torch.Tensor) else None})
     if chosen_rewards.shape[0] == 0:

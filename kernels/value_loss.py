@@ -3,13 +3,16 @@ clip metric in one kernel (plus the one-program reduction of ``kernels.loss_agg`
 
     v_clip = clamp(values, old_values - c, old_values + c)           (c = cliprange_value; no clip when None)
     l      = 0.5 * max((values - returns)^2, (v_clip - returns)^2)
-    loss   = agg(l, response_mask, loss_agg_mode)
+    loss   = agg(l, response_mask, loss_agg_mode)           (kernels.loss_agg; seq-mean modes count non-empty rows)
     d l / d values = (values - returns) * 1[(v - R)^2 >= (v_clip - R)^2]    (ties outside the clip range split 1/2)
 
 Source: PPO's clipped value objective as in veRL ``compute_value_loss`` (``0.5 * agg_loss(max(l1, l2))``, critic
 ``cliprange_value`` 0.5), OpenRLHF ``ValueLoss`` (``value_clip``, none when unset) and TRL's experimental PPO trainer.
 Metrics (detached 0-d float32, token means over the local mask): ``vf_clipfrac`` = mean(clipped loss > unclipped
 loss), ``vpred_mean`` = mean(values). Dims: ``B`` sequences, ``T`` response tokens.
+
+Masked tokens are never read: NaN or inf in ``values``, ``old_values`` or ``returns`` where ``response_mask == 0``
+changes neither the loss nor the metrics, and the gradient there is exactly 0.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def value_loss_ref(values, old_values, returns, response_mask, *, cliprange_valu
                    global_num_tokens=None, global_num_seqs=None, loss_scale_factor=None):
     """Plain-PyTorch clipped value loss (the spec); same arguments and returns as ``value_loss``."""
     dtype = compute_dtype(values, old_values, returns)
-    v, old, ret = values.to(dtype), old_values.to(dtype), returns.to(dtype)
-    mask = response_mask.to(dtype)
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    # masked tokens become 0 before any arithmetic: no NaN there, and a zero gradient (not 0 * nan)
+    v, old, ret = (torch.where(mask, x.to(dtype), zero) for x in (values, old_values, returns))
     l1 = (v - ret).square()
     if cliprange_value is None:
         l2 = l1
@@ -70,12 +75,14 @@ def _value_loss_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     _, _, ok, offs, base = token_tile(STATS, T, C, NSTAT, BLOCK_T)
-    v = tl.load(V + offs, mask=ok, other=0.0).to(tl.float32)
-    ret = tl.load(RET + offs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(MASK + offs, mask=ok, other=0).to(tl.float32)
+    # Masked tokens are never read: they load as 0, so NaN/inf there cannot reach the loss, metrics or gradient.
+    live = ok & (m != 0)
+    v = tl.load(V + offs, mask=live, other=0.0).to(tl.float32)
+    ret = tl.load(RET + offs, mask=live, other=0.0).to(tl.float32)
     l1 = (v - ret) * (v - ret)
     if HAS_CLIP:
-        old = tl.load(OLD + offs, mask=ok, other=0.0).to(tl.float32)
+        old = tl.load(OLD + offs, mask=live, other=0.0).to(tl.float32)
         lo = old - clip
         hi = old + clip
         inside = (v >= lo) & (v <= hi)
@@ -131,18 +138,21 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         values: ``[B, T]`` float32/bf16/fp16 (fp64 -> reference) current critic predictions; differentiable.
         old_values: ``[B, T]`` predictions of the critic that scored the rollout (no gradient).
         returns: ``[B, T]`` regression targets, e.g. from ``kernels.gae`` (no gradient).
-        response_mask: ``[B, T]`` bool or {0, 1}.
-        cliprange_value: clip half-width (> 0; veRL's default 0.5), or None for the unclipped loss (OpenRLHF's
-            default).
-        loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor: as in ``ppo_loss`` / ``kernels.loss_agg``.
+        response_mask: ``[B, T]`` bool or {0, 1} numbers (a non-bool mask is checked: one host sync); tokens
+            outside it are never read (zero loss, zero gradient, NaN/inf there is harmless).
+        cliprange_value: clip half-width (finite, > 0; veRL's default 0.5), or None for the unclipped loss
+            (OpenRLHF's default).
+        loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor: as in ``ppo_loss`` / ``kernels.loss_agg``
+            (``global_num_seqs`` defaults to the number of rows with at least one response token).
 
     Returns:
         ``(loss, metrics)``: ``loss`` 0-d float32 (float64 for float64 inputs), gradient in ``values.dtype``;
         ``metrics`` = ``{"vf_clipfrac", "vpred_mean"}`` detached 0-d tensors.
 
     Raises:
-        TypeError / ValueError: wrong types, shapes or devices, ``cliprange_value`` <= 0, unknown ``loss_agg_mode``,
-        non-positive denominators.
+        TypeError / ValueError: wrong types, shapes or devices, a non-bool ``response_mask`` holding values other
+        than 0 and 1, ``cliprange_value`` <= 0 or not finite, unknown ``loss_agg_mode``, non-positive or non-finite
+        denominators.
     """
     check_tensor("values", values, ndim=2)
     for name, t in (("old_values", old_values), ("returns", returns)):

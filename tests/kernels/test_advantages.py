@@ -67,6 +67,16 @@ def test_group_advantages_identical_scores_give_zero(backend, device, estimator)
     assert one_hot[0] > 0 and torch.all(one_hot[1:] < 0)
 
 
+def test_group_advantages_epsilon_zero_is_rejected(backend, device):
+    # with epsilon = 0 a group of equal scores (every completion right, or every one wrong) would be 0 / 0 = NaN
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0], device=device)
+    with pytest.raises(ValueError, match="epsilon must be > 0, got 0"):
+        group_advantages(scores, 2, epsilon=0.0)
+    with pytest.raises(ValueError, match="epsilon must be > 0, got 0"):
+        group_advantages(scores, 2, epsilon=0)
+    assert torch.isfinite(group_advantages(scores, 2, epsilon=1e-12)).all()
+
+
 def test_group_advantages_strided_float64_and_empty(backend, device):
     base = randn(40, dtype=torch.float32, device=device, seed=30)
     strided = base[::2]  # stride 2
@@ -111,8 +121,10 @@ def test_group_advantages_bad_input():
         group_advantages(s, True)
     with pytest.raises(ValueError, match="estimator must be one of"):
         group_advantages(s, 2, estimator="ppo")
-    with pytest.raises(ValueError, match="epsilon must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="epsilon must be > 0, got -1"):
         group_advantages(s, 2, epsilon=-1e-6)
+    with pytest.raises(ValueError, match="epsilon must be finite, got nan"):
+        group_advantages(s, 2, epsilon=float("nan"))
     with pytest.raises(ValueError, match=r"scores must have 1 dimensions, got shape \(3, 2\)"):
         group_advantages(s.reshape(3, 2), 2)
     with pytest.raises(TypeError, match="scores must have dtype"):
@@ -171,6 +183,25 @@ def test_masked_whiten_grid_stride_and_determinism(backend, device, monkeypatch)
     assert_close(strided, gold.t(), torch.float32, "transposed")
 
 
+@pytest.mark.parametrize("shape", [(8, 64), (5, 37), (3, 1), (1, 3)])
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_masked_non_finite_never_leaks(backend, device, shape, shift_mean):
+    B, T = shape
+    values = randn(B, T, dtype=torch.float32, device=device, seed=45, scale=2.0)
+    mask = random_mask(B, T, device, seed=46, full_rows=(0,), empty_rows=(B - 1,) if B > 2 else ())
+    if B == 1:
+        mask[0, -1] = False  # (1, 3): two selected entries and one masked
+    out = masked_whiten(values, mask, shift_mean=shift_mean)
+    bad_values = values.masked_fill(~mask, float("nan"))
+    bad_values[-1, -1] = float("inf") if not mask[-1, -1] else bad_values[-1, -1]
+    bad = masked_whiten(bad_values, mask.float(), shift_mean=shift_mean)
+    # the statistics never read a masked entry: every selected output is the clean one; a masked entry's own output
+    # is computed from its own value (veRL whitens every position)
+    assert torch.isfinite(bad[mask]).all()
+    assert_close(bad[mask], out[mask], torch.float32, "whitened")
+    assert not torch.isfinite(bad[~mask]).any()
+
+
 def test_masked_whiten_mask_count_errors(backend, device):
     values = randn(2, 3, dtype=torch.float32, device=device, seed=44)
     with pytest.raises(ValueError, match=r"mask must select at least one element.*sum\(mask\) = 0"):
@@ -194,3 +225,7 @@ def test_masked_whiten_bad_input():
         masked_whiten(v, [[1, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="epsilon must be >= 0"):
         masked_whiten(v, m, epsilon=-1.0)
+    with pytest.raises(ValueError, match="epsilon must be finite, got inf"):
+        masked_whiten(v, m, epsilon=float("inf"))
+    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1, got 0.25 at index \(0, 2\)"):
+        masked_whiten(v, torch.tensor([[1.0, 1.0, 0.25], [0.0, 1.0, 1.0]]))

@@ -80,6 +80,26 @@ def test_fused_linear_logprobs_frozen_head_and_logprobs_only(backend, device):
     assert_close(h.grad, h64.grad, torch.float32, "dhidden", scale=5)
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_fused_linear_logprobs_ignored_rows_non_finite_never_leak(backend, device, poison):
+    # hidden states of ignored rows (prompt/padding) full of NaN/inf: outputs and the gradients of hidden, weight and
+    # bias equal the clean ones; dW = dz.T @ h would be 0 * nan = NaN if those rows entered the product
+    N, H, V = 7, 5, 11
+    hidden, weight, bias, labels = make_inputs(N, H, V, torch.float32, device, seed=20)
+    labels[4] = -100
+    ignored = labels == -100
+    results = []
+    for h in (hidden, hidden.masked_fill(ignored.unsqueeze(-1), poison)):
+        h, w, b = (t.clone().requires_grad_(True) for t in (h, weight, bias))
+        lp, ent = fused_linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=3)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        results.append((lp.detach(), ent.detach(), h.grad, w.grad, b.grad))
+    for name, got, gold in zip(("logprobs", "entropy", "dhidden", "dweight", "dbias"), results[1], results[0]):
+        assert torch.isfinite(got).all(), name
+        assert_close(got, gold, torch.float32, name)
+    assert torch.all(results[1][2][ignored] == 0)
+
+
 def test_fused_linear_logprobs_bad_input():
     h, w, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match=r"weight must have shape \[V, H\] with H = hidden.shape\[1\] = 8"):
@@ -92,5 +112,7 @@ def test_fused_linear_logprobs_bad_input():
         fused_linear_logprobs(h, w, torch.tensor([0, 1, 10, 2]))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fused_linear_logprobs(h, w, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be finite, got inf"):
+        fused_linear_logprobs(h, w, labels, temperature=float("inf"))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         fused_linear_logprobs(h, w, labels, chunk_size=0)

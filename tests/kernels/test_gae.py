@@ -1,4 +1,5 @@
-"""gae and discounted_returns against their float64 reference and hand-computed examples, through every backend."""
+"""gae and discounted_returns against their float64 reference and hand-computed examples, and with NaN/inf inputs at
+masked tokens (which must reach no advantage and no other token's output), through every backend."""
 
 import pytest
 import torch
@@ -47,6 +48,51 @@ def test_gae_matches_float64(backend, device, shape, dtype, gamma, lam, skip_mas
     if B > 2:  # a fully masked row: veRL reports advantage 0 and returns = values; OpenRLHF 0 and 0
         assert torch.all(adv[-1] == 0)
         assert_close(ret[-1], v[-1].float() if skip_masked else torch.zeros(T), torch.float32, "masked returns")
+
+
+POISON_SHAPES = [(8, 64), (5, 37), (1, 1), (3, 1), (4, 2)]  # (3, 1): a full row, a fully masked row
+
+
+@pytest.mark.parametrize("shape", POISON_SHAPES)
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+@pytest.mark.parametrize("skip_masked", [True, False])
+@pytest.mark.parametrize("holes", [True, False])
+def test_gae_masked_non_finite_never_leaks(backend, device, shape, gamma, lam, skip_masked, holes):
+    B, T = shape
+    r = randn(B, T, dtype=torch.float32, device=device, seed=13)
+    v = randn(B, T, dtype=torch.float32, device=device, seed=14)
+    m = make_mask(B, T, device, seed=15, holes=holes)
+    adv, ret = gae(r, v, m, gamma=gamma, lam=lam, skip_masked=skip_masked)
+    bad_r = r.masked_fill(~m, float("nan"))
+    bad_v = v.masked_fill(~m, float("nan"))
+    bad_v[:, -1:] = bad_v[:, -1:].masked_fill(~m[:, -1:], float("inf"))  # trailing padding: inf values
+    bad_adv, bad_ret = gae(bad_r, bad_v, m, gamma=gamma, lam=lam, skip_masked=skip_masked)
+    # advantages: clean everywhere, the masked tokens' documented values included (carried; 0 on trailing padding)
+    assert torch.isfinite(bad_adv).all()
+    assert_close(bad_adv, adv, torch.float32, "advantages")
+    if B > 2:
+        assert torch.all(bad_adv[-1] == 0)  # the fully masked row
+    # returns: clean on every response token; on masked tokens the documented value, adv + V_t (veRL, the token's own
+    # value) or adv + 0 (OpenRLHF), so a masked token shows only its own value input
+    assert_close(bad_ret[m], ret[m], torch.float32, "returns on response tokens")
+    if skip_masked:
+        assert_close(bad_ret[~m], bad_adv[~m] + bad_v[~m], torch.float32, "masked returns")
+    else:
+        assert_close(bad_ret, ret, torch.float32, "returns")
+        assert torch.all(bad_ret[~m] == bad_adv[~m])
+
+
+@pytest.mark.parametrize("shape", POISON_SHAPES)
+def test_discounted_returns_masked_non_finite_never_leaks(backend, device, shape):
+    B, T = shape
+    r = randn(B, T, dtype=torch.float32, device=device, seed=16)
+    m = make_mask(B, T, device, seed=17)
+    out = discounted_returns(r, m, gamma=0.9)
+    bad = discounted_returns(r.masked_fill(~m, float("nan")), m, gamma=0.9)
+    # the running return restarts after a masked token, so its NaN stays at that token (its own documented return)
+    assert torch.isfinite(bad[m]).all()
+    assert_close(bad[m], out[m], torch.float32, "returns on response tokens")
+    assert torch.isnan(bad[~m]).all()
 
 
 def test_gae_hand_example(backend, device):
@@ -159,3 +205,9 @@ def test_gae_bad_input():
         discounted_returns(r, m.t())
     with pytest.raises(TypeError, match="token_level_rewards must have dtype"):
         discounted_returns(r.int(), m)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got inf"):
+        gae(r, r, m, gamma=float("inf"))
+    with pytest.raises(ValueError, match="response_mask must be bool or hold only 0 and 1, got 0.5"):
+        gae(r, r, torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="response_mask must be bool or hold only 0 and 1, got -1"):
+        discounted_returns(r, -torch.ones(2, 3, dtype=torch.long))

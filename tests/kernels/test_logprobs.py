@@ -147,6 +147,30 @@ def test_logprobs_ignore_index(backend, device, dtype):
     assert skip.any() and (lp[skip] == 0).all() and (ent[skip] == 0).all() and (grad[skip] == 0).all()
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_logprobs_ignored_rows_non_finite_never_leak(backend, device, poison):
+    # prompt/padding rows (label == ignore_index) full of NaN/inf: the other rows, both outputs and the whole gradient
+    # are those of clean logits, and the ignored rows' gradient is exactly 0 (not 0 * nan)
+    V = 37
+    logits = randn(3, 5, V, dtype=torch.float32, device=device, seed=16)
+    labels = _labels((3, 5), V, device, seed=17, ignore_frac=0.4)
+    labels[0, 0], labels[2, 4] = -100, 3
+    ignored = labels == -100
+    upstream = randn(3, 5, dtype=torch.float32, device=device, seed=18)
+    grads, outs = [], []
+    for x in (logits, logits.masked_fill(ignored.unsqueeze(-1), poison)):
+        x = x.clone().requires_grad_(True)
+        lp, ent = logprobs_from_logits(x, labels, return_entropy=True, temperature=0.7)
+        ((lp + ent) * upstream).sum().backward()
+        outs.append((lp.detach(), ent.detach()))
+        grads.append(x.grad)
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
+    assert_close(outs[1][0], outs[0][0], torch.float32, "logprobs")
+    assert_close(outs[1][1], outs[0][1], torch.float32, "entropy")
+    assert torch.isfinite(grads[1]).all() and torch.all(grads[1][ignored] == 0)
+    assert_close(grads[1], grads[0], torch.float32, "dlogits")
+
+
 def test_logprobs_all_rows_ignored(backend, device):
     logits = randn(3, 64, dtype=torch.bfloat16, device=device, seed=15).requires_grad_(True)
     labels = torch.full((3,), -100, device=device)

@@ -1,9 +1,10 @@
 """ppo_loss / grpo_loss against the float64 reference (values, metrics, gradients), a hand-computed case, the
-micro-batch invariance of every aggregation mode, extreme ratios and bad input."""
+micro-batch invariance of every aggregation mode (fully masked rows included), the seq-mean denominators against the
+anchors' formula, NaN/inf at masked positions, extreme ratios and bad input."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels.loss_agg import LOSS_AGG_MODES
@@ -98,14 +99,23 @@ def test_ppo_loss_on_policy_gradient_is_minus_advantage(backend, device):
     assert metrics["pg_clipfrac"].item() == 0.0 and metrics["ppo_kl"].item() == 0.0
 
 
+def global_denominators(mask, T):
+    """What a trainer passes to every micro-batch: the whole batch's token count and count of non-empty rows."""
+    return dict(global_num_tokens=max(int(mask.sum()), 1), global_num_seqs=max(int(mask.any(-1).sum()), 1),
+                loss_scale_factor=T)
+
+
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_ppo_loss_micro_batch_split_sums_to_full_batch(backend, device, mode):
     B, T = 8, 23
     lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, device, CONFIGS["kl_k3"], seed=11)
-    globals_ = dict(global_num_tokens=int(mask.sum()), global_num_seqs=B, loss_scale_factor=T)
+    mask[3] = False  # the 1-row micro-batch below is fully masked; row 7 is too (make_inputs)
+    globals_ = global_denominators(mask, T)
     full_x = lp.clone().requires_grad_(True)
     full, _ = ppo_loss(full_x, old, adv, mask, loss_agg_mode=mode, **kw, **globals_)
     full.backward()
+    local, _ = ppo_loss(lp, old, adv, mask, loss_agg_mode=mode, **kw)  # the global counts are the local ones here
+    assert_close(full.detach(), local, torch.float32, "loss with global = local denominators")
     total = torch.zeros((), device=device)
     grads = []
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
@@ -168,6 +178,14 @@ def test_ppo_loss_bad_input():
         ppo_loss(lp, lp, lp, mask, clip_ratio_high=-1.0)
     with pytest.raises(ValueError, match="clip_ratio_c must be a number > 1"):
         ppo_loss(lp, lp, lp, mask, clip_ratio_c=0.5)
+    with pytest.raises(ValueError, match="clip_ratio_high must be finite, got nan"):
+        ppo_loss(lp, lp, lp, mask, clip_ratio_high=float("nan"))
+    with pytest.raises(ValueError, match="clip_ratio_c must be finite, got inf"):
+        ppo_loss(lp, lp, lp, mask, clip_ratio_c=float("inf"))
+    with pytest.raises(ValueError, match=r"response_mask must be bool or hold only 0 and 1, got 0.5 at index \(0, 1\)"):
+        ppo_loss(lp, lp, lp, torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"response_mask must be bool or hold only 0 and 1, got 2 at index \(1, 0\)"):
+        ppo_loss(lp, lp, lp, torch.tensor([[1, 1, 0], [2, 1, 1]]))
     with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
         ppo_loss(lp, lp, lp, mask, loss_agg_mode="token-sum-mean")
     with pytest.raises(ValueError, match="kl_estimator must be one of"):
@@ -182,14 +200,92 @@ def test_ppo_loss_bad_input():
         ppo_loss(lp[0], lp[0], lp[0], mask[0])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(2, 6), T=st.integers(1, 20), cut=st.integers(1, 5), mode=st.sampled_from(LOSS_AGG_MODES),
-       seed=st.integers(0, 2**16))
-def test_ppo_loss_any_split_sums_to_full_batch(B, T, cut, mode, seed):
+       empty=st.sets(st.integers(0, 5), max_size=3), seed=st.integers(0, 2**16))
+def test_ppo_loss_any_split_sums_to_full_batch(backend, device, B, T, cut, mode, empty, seed):
     cut = min(cut, B - 1)
-    lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, "cpu", CONFIGS["clip_higher+dual"], seed=seed)
-    globals_ = dict(global_num_tokens=max(int(mask.sum()), 1), global_num_seqs=B, loss_scale_factor=T)
-    full, _ = ppo_loss(lp, old, adv, mask, loss_agg_mode=mode, **kw, **globals_)
-    parts = [ppo_loss(lp[r], old[r], adv[r], mask[r], loss_agg_mode=mode, **kw, **globals_)[0]
-             for r in (slice(0, cut), slice(cut, B))]
-    assert_close(parts[0] + parts[1], full, torch.float32, "summed loss")
+    lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, device, CONFIGS["clip_higher+dual"], seed=seed)
+    for row in empty:  # fully masked rows anywhere, possibly a whole micro-batch of them
+        if row < B:
+            mask[row] = False
+    globals_ = global_denominators(mask, T)
+    full_x = lp.clone().requires_grad_(True)
+    full, _ = ppo_loss(full_x, old, adv, mask, loss_agg_mode=mode, **kw, **globals_)
+    full.backward()
+    local, _ = ppo_loss(lp, old, adv, mask, loss_agg_mode=mode, **kw)
+    assert_close(full.detach(), local, torch.float32, "loss with global = local denominators")
+    parts, grads = [], []
+    for r in (slice(0, cut), slice(cut, B)):
+        x = lp[r].clone().requires_grad_(True)
+        part = ppo_loss(x, old[r], adv[r], mask[r], loss_agg_mode=mode, **kw, **globals_)[0]
+        part.backward()
+        parts.append(part.detach())
+        grads.append(x.grad)
+    assert_close(parts[0] + parts[1], full.detach(), torch.float32, "summed loss")
+    assert_close(torch.cat(grads), full_x.grad, torch.float32, "micro-batch grads")
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_ppo_loss_seq_mean_excludes_fully_masked_rows(backend, device, mode):
+    # On-policy (r = 1, nothing clipped) and no KL: the per-token loss is exactly -A, so the loss is the anchors'
+    # aggregation of -A (veRL agg_loss: seq-mean over rows with >= 1 token), written out independently.
+    B, T = 5, 7
+    lp = randn(B, T, dtype=torch.float32, device=device, seed=20)
+    adv = randn(B, T, dtype=torch.float32, device=device, seed=21)
+    mask = random_mask(B, T, device, seed=22, full_rows=(0,), empty_rows=(1, 3))
+    rows = [(-adv[i][mask[i]]).double() for i in range(B) if mask[i].any()]  # 3 non-empty rows
+    expected = {
+        "token-mean": torch.cat(rows).mean(),
+        "seq-mean-token-mean": sum(r.mean() for r in rows) / len(rows),
+        "seq-mean-token-sum": sum(r.sum() for r in rows) / len(rows),
+        "seq-mean-token-sum-norm": sum(r.sum() for r in rows) / (len(rows) * T),
+    }[mode]
+    x = lp.clone().requires_grad_(True)
+    loss, _ = ppo_loss(x, lp, adv, mask, loss_agg_mode=mode)
+    assert_close(loss, expected, torch.float32, mode)
+    # appending fully masked rows changes nothing, in any mode
+    def pad(t, v):
+        return torch.cat([t, torch.full((2, T), v, dtype=t.dtype, device=device)])
+
+    more, _ = ppo_loss(pad(lp, -1.0), pad(lp, -1.0), pad(adv, 3.0), pad(mask, False), loss_agg_mode=mode)
+    assert_close(more, loss.detach(), torch.float32, "with two more empty rows")
+
+
+POISON_CONFIGS = ["plain", "clip_higher+dual", "kl_k1+is_tok", "seq_adv+is_seq+k2", "dual+abs"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("config", POISON_CONFIGS)
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_ppo_loss_masked_non_finite_never_leaks(backend, device, shape, config, mode):
+    """NaN / inf in every input where response_mask == 0: the clean loss, the clean metrics, the clean gradient,
+    exactly 0 at the masked tokens."""
+    B, T = shape
+    lp, old, adv, mask, kw = make_inputs(B, T, torch.float32, device, CONFIGS[config], seed=30)
+    if B > 1:
+        mask[1, T // 2:] = False  # trailing padding in a second row too (row 0 is full)
+
+    def poison(x, value):
+        if x.shape == mask.shape:
+            return x.masked_fill(~mask, value)
+        return x.masked_fill(~mask.any(-1), value)  # per-sequence tensors: the fully masked rows
+
+    bad_kw = dict(kw)
+    for name, value in (("ref_logprobs", float("inf")), ("rollout_is_weights", float("nan"))):
+        if name in kw:
+            bad_kw[name] = poison(kw[name], value)
+    x_clean = lp.clone().requires_grad_(True)
+    x_bad = poison(lp, float("nan")).requires_grad_(True)
+    gold, gold_metrics = ppo_loss(x_clean, old, adv, mask, loss_agg_mode=mode, **kw)
+    loss, metrics = ppo_loss(x_bad, poison(old, -float("inf")), poison(adv, float("nan")), mask,
+                             loss_agg_mode=mode, **bad_kw)
+    gold.backward()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert_close(loss, gold.detach(), torch.float32, "loss")
+    for name, value in metrics.items():
+        assert torch.isfinite(value), name
+        assert_close(value, gold_metrics[name], torch.float32, name)
+    assert torch.isfinite(x_bad.grad).all() and torch.all(x_bad.grad[~mask] == 0)
+    assert_close(x_bad.grad, x_clean.grad, torch.float32, "dlogprobs")

@@ -76,3 +76,15 @@ def random_mask(B: int, T: int, device, seed: int, *, full_rows=(), empty_rows=(
     for r in empty_rows:
         mask[r] = False
     return mask.to(device)
+
+
+def seq_agg_expected(rows: list[torch.Tensor], mode: str, T: int) -> torch.Tensor:
+    """The ``loss_agg_mode`` aggregation of per-row token losses written out from the anchors (veRL ``agg_loss``,
+    OpenRLHF ``aggregate_loss``): ``rows`` holds the valid tokens' losses of each non-empty row only, so the seq-mean
+    modes average over the rows that have a token; ``T`` is the padded length (the default loss_scale_factor)."""
+    return {
+        "token-mean": lambda: torch.cat(rows).mean(),
+        "seq-mean-token-mean": lambda: sum(r.mean() for r in rows) / len(rows),
+        "seq-mean-token-sum": lambda: sum(r.sum() for r in rows) / len(rows),
+        "seq-mean-token-sum-norm": lambda: sum(r.sum() for r in rows) / (len(rows) * T),
+    }[mode]()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernels.loss_agg import LOSS_AGG_MODES
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
-from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask
+from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask, seq_agg_expected
 
 SHAPES = [(4, 64), (5, 37), (1, 1), (3, 300)]  # 300 > one chunk of tokens under the interpreter
 CONFIGS = {
@@ -235,12 +235,7 @@ def test_ppo_loss_seq_mean_excludes_fully_masked_rows(backend, device, mode):
     adv = randn(B, T, dtype=torch.float32, device=device, seed=21)
     mask = random_mask(B, T, device, seed=22, full_rows=(0,), empty_rows=(1, 3))
     rows = [(-adv[i][mask[i]]).double() for i in range(B) if mask[i].any()]  # 3 non-empty rows
-    expected = {
-        "token-mean": torch.cat(rows).mean(),
-        "seq-mean-token-mean": sum(r.mean() for r in rows) / len(rows),
-        "seq-mean-token-sum": sum(r.sum() for r in rows) / len(rows),
-        "seq-mean-token-sum-norm": sum(r.sum() for r in rows) / (len(rows) * T),
-    }[mode]
+    expected = seq_agg_expected(rows, mode, T)
     x = lp.clone().requires_grad_(True)
     loss, _ = ppo_loss(x, lp, adv, mask, loss_agg_mode=mode)
     assert_close(loss, expected, torch.float32, mode)

@@ -6,7 +6,7 @@ import torch
 
 from kernels.loss_agg import LOSS_AGG_MODES
 from kernels.value_loss import value_loss, value_loss_ref
-from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask
+from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask, seq_agg_expected
 
 SHAPES = [(4, 64), (5, 37), (1, 1), (2, 300)]
 
@@ -97,12 +97,7 @@ def test_value_loss_seq_mean_excludes_fully_masked_rows(backend, device, mode):
     v, _, ret, _ = make_inputs(B, T, torch.float32, device, seed=8)
     mask = random_mask(B, T, device, seed=9, full_rows=(0,), empty_rows=(2,))
     rows = [(0.5 * (v[i][mask[i]].double() - ret[i][mask[i]].double()) ** 2) for i in range(B) if mask[i].any()]
-    expected = {
-        "token-mean": torch.cat(rows).mean(),
-        "seq-mean-token-mean": sum(r.mean() for r in rows) / len(rows),
-        "seq-mean-token-sum": sum(r.sum() for r in rows) / len(rows),
-        "seq-mean-token-sum-norm": sum(r.sum() for r in rows) / (len(rows) * T),
-    }[mode]
+    expected = seq_agg_expected(rows, mode, T)
     loss, _ = value_loss(v, v, ret, mask, cliprange_value=None, loss_agg_mode=mode)
     assert_close(loss, expected, torch.float32, mode)
 

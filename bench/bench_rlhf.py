@@ -104,7 +104,8 @@ def main() -> None:
             f"rm.max_length={args.max_length}", "rm.allow_empty_response=true", f"trainer.output_dir={rm_dir}"]),
         ("ppo", PPOTrainer, C.PPORunConfig, from_sft + [
             f"ppo.reward_model={rm_dir}", f"trainer.max_steps={args.steps}", f"ppo.prompts_per_step={args.batch}",
-            f"ppo.mini_batch_size={max(args.batch // 2, 1)}", "ppo.micro_batch_size=16",
+            f"ppo.mini_batch_size={max(args.batch // 2, 1)}",
+            f"ppo.micro_batch_size={min(16, max(args.batch // 2, 1))}",
             f"generation.max_tokens={args.max_tokens}", f"trainer.output_dir={work / 'ppo'}"]),
         ("dpo", DPOTrainer, C.DPORunConfig, from_sft + [
             f"dpo.max_steps={args.steps}", f"dpo.batch_size={args.batch}", "dpo.micro_batch_size=16",

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.optim import NonFiniteWeightsError, nonfinite_tensors
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -196,6 +198,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
 
     A failure while writing (an exception, a full disk) removes the temporary directory and re-raises: the
     checkpoints already committed are untouched. An existing checkpoint of the same step is replaced.
+
+    Raises ``NonFiniteWeightsError`` (nothing written) when a weight of ``model`` or of a component holds NaN or inf:
+    a checkpoint is only ever written from finite weights.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -204,6 +209,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
     for name in components or {}:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name == CHECKPOINTS_DIR:
             raise ValueError(f"component names must be plain identifiers, got {name!r}")
+    for name, m in [("model", model)] + [(f"{c}/model", parts["model"]) for c, parts in (components or {}).items()]:
+        bad = nonfinite_tensors(list(m.state_dict().items()))
+        if bad:  # never commit poisoned weights: the older checkpoints stay the newest usable ones
+            raise NonFiniteWeightsError(f"refusing to save checkpoint step {step} to {run_dir}: {len(bad)} tensors of "
+                                        f"the {name} are non-finite ({bad[:4]}{'...' if len(bad) > 4 else ''})")
     final = checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -247,13 +257,23 @@ def _scan(root: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
 
 
 def _prune(root: Path, *, keep: Path, keep_last: int) -> None:
+    """Delete the complete checkpoints beyond ``keep_last`` (oldest first), torn ``step-*`` dirs and leftover
+    ``.tmp-*`` dirs. Each ``step-*`` dir is first renamed to a ``.tmp-pruned-*`` name (atomic), then deleted: a crash
+    halfway through a deletion leaves a ``.tmp-*`` dir that nothing reads (and the next save removes), never a
+    ``COMPLETE``-marked directory with files missing."""
     complete, torn = _scan(root)
     others = [p for _, p in complete if p != keep]
     doomed = others[: max(0, len(others) - (keep_last - 1))] + torn
-    doomed += [p for p in root.iterdir() if p.name.startswith(_TMP_PREFIX) and p.is_dir()]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        hidden = root / f"{_TMP_PREFIX}pruned-{p.name}-{os.getpid()}"
+        if hidden.exists():
+            shutil.rmtree(hidden)
+        os.replace(p, hidden)
         logger.info("deleted checkpoint dir %s", p)
+    _fsync_dir(root)
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ find / resume

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.output_dir, digits=args.digits, ops=args.ops, sft_budget_s=args.sft_budget_s,
                       sft_target=args.sft_target, grpo_steps=args.grpo_steps, grpo_budget_s=args.grpo_budget_s,
-                      seed=args.seed, style=args.style)
+                      seed=args.seed, style=args.style, num_eval=args.num_eval, sft_max_steps=args.sft_max_steps)
     return 0 if result["grpo_accuracy"] >= result["sft_accuracy"] else 1
 
 
@@ -65,11 +66,15 @@ def _train(kind: str):
 def _generate(args: argparse.Namespace) -> int:
     from engine.generation import Generator, SamplingParams
     from engine.models import load_policy
+    from engine.trainer import resolve_device, resolve_model_dir
 
-    model, tokenizer = load_policy(args.model)
+    device = resolve_device(args.device)
+    model, tokenizer = load_policy(str(resolve_model_dir(args.model)), device=device)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer to encode the prompts with")
     gen = Generator(model, tokenizer)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed, style=args.style)
+                            seed=args.seed)
     for out in gen.generate([tokenizer.encode(p) for p in args.prompts], params):
         for c in out.outputs:
             print(json.dumps({"request": out.request_id, "index": c.index, "text": c.text,
@@ -84,10 +89,43 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_line(err: BaseException) -> str:
+    """The one line printed for an error without ``--debug``: its message, its lines joined."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return f"rlhf-engine: error: {text} (--debug or RLHF_ENGINE_DEBUG=1 shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command; returns the exit code."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command; returns the exit code: 0 on success, 1 on
+    an error (one line on stderr: the message; ``--debug`` anywhere on the line, or ``RLHF_ENGINE_DEBUG=1``, re-raises
+    it with its traceback instead), 130 on Ctrl-C, 2 for a command line argparse rejects."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("RLHF_ENGINE_DEBUG", "") not in ("", "0")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("rlhf-engine: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's boundary: every error becomes one line
+        if debug:
+            raise
+        print(_error_line(err), file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rlhf-engine`` argument parser (sub-commands set ``fn``, the function that runs them)."""
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also "
+                        "RLHF_ENGINE_DEBUG=1); without it an error prints one line")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the sub-command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every sub-command accepts --debug
     demo = sub.add_parser("demo", help="cold-start SFT then GRPO of a tiny model on arithmetic (CPU, minutes)")
     from engine.demo import add_arguments
 
@@ -101,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
         p.set_defaults(fn=_train(kind))
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
-    gen.add_argument("--model", required=True, help="HF checkpoint directory")
+    gen.add_argument("--model", required=True, help="HF checkpoint directory, or a run directory (its newest "
+                     "complete checkpoint)")
+    gen.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -117,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run bench/bench_kernels.py (arguments are passed through)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    return parser
 
 
 if __name__ == "__main__":

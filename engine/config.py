@@ -298,6 +298,11 @@ class DataConfig(Section):
     """Longest prompt, in tokens; longer prompts are left out of the data (a truncated question is another
     question). Preference pairs (reward model, DPO) instead keep the last ``max_prompt_tokens`` tokens of a longer
     prompt (the most recent turns of the dialogue)."""
+    max_length: int = 1024
+    """Longest SFT example, in tokens: prompt + completion + EOS. A longer completion is cut at the end to fit (its
+    EOS kept, so the model still learns to stop) and the run prints how many were cut; >= 2, and an SFT run needs it
+    above ``max_prompt_tokens``. GRPO/PPO completions are bounded by ``generation.max_tokens`` instead, reward-model
+    and DPO pairs by ``rm.max_length`` / ``dpo.max_length``."""
     num_eval: int = 200
     """At most this many evaluation examples are scored (the first ones, in a fixed order); 0 means all of them."""
     seed: int = 0
@@ -313,6 +318,7 @@ class DataConfig(Section):
         if self.template is not None and "{prompt}" not in self.template:
             raise ConfigError("template", f"must contain '{{prompt}}' or be null, got {self.template!r}")
         _int("max_prompt_tokens", self.max_prompt_tokens, 1)
+        _int("max_length", self.max_length, 2)
         _int("num_eval", self.num_eval, 0)
         _int("seed", self.seed, 0)
 
@@ -396,12 +402,14 @@ class GRPOConfig(Section):
 
     The rollout batch is ``prompts_per_step * num_generations`` completions; it is split into micro-batches of
     ``micro_batch_size`` (the last may be smaller: it need not divide the batch, because the loss is normalised by
-    the whole batch's token/sequence count, so the split does not change it)."""
+    the whole batch's token/sequence count, so the split does not change it). ``prompts_per_step`` may not exceed
+    the number of training prompts (a prompt drawn twice into one step would count twice in the group statistics
+    of the batch): the trainer raises ``ValueError`` when it starts."""
 
     num_generations: int = 8
     """Completions sampled per prompt (the group); >= 2, since advantages are relative to the group."""
     prompts_per_step: int = 16
-    """Prompts per optimizer step."""
+    """Prompts per optimizer step; at most the number of training prompts (see above)."""
     clip_ratio_low: float = 0.2
     """PPO clip: the ratio is clipped below at ``1 - clip_ratio_low``; in [0, 1]."""
     clip_ratio_high: float = 0.2
@@ -422,7 +430,8 @@ class GRPOConfig(Section):
     ppo_epochs: int = 1
     """Passes over each rollout batch; 1 is on-policy (the ratio is exactly 1 on the first pass)."""
     micro_batch_size: int = 32
-    """Completions per forward/backward pass (gradient accumulation over the rollout batch)."""
+    """Completions per forward/backward pass (gradient accumulation over the rollout batch); need not divide it (the
+    last micro-batch is smaller, the update the same), and a value above the batch means one pass."""
     rollout_is: str | None = None
     """Truncated importance sampling correcting the generator/trainer log-prob gap: token, sequence, or null (off)."""
     rollout_is_cap: float = 2.0
@@ -431,7 +440,9 @@ class GRPOConfig(Section):
     """Entropy bonus: subtracts this times the aggregated token entropy from the loss; 0 is off."""
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Reward functions: built-in names (``engine.rewards.REWARDS``) or import paths ``pkg.module:function``; their
-    weighted sum is the reward. Resolved when the trainer starts."""
+    weighted sum is the reward. Resolved when the trainer starts. An import path imports that module, which runs
+    its code with your permissions (as TRL's ``trust_remote_code``): run only configs whose reward modules you
+    trust."""
     reward_weights: list[float] | None = None
     """One weight per entry of ``rewards``; null weighs them all 1."""
 
@@ -474,7 +485,8 @@ class SFTConfig(Section):
     """Examples per optimizer step."""
     micro_batch_size: int = 32
     """Examples per forward/backward pass (need not divide ``batch_size``: the loss is normalised by the step's
-    token count)."""
+    token count, so the last, smaller micro-batch gives the same update); a value above ``batch_size`` means one
+    pass per step."""
     max_steps: int | None = None
     """Stop after this many optimizer steps even if ``epochs`` are not done; null: ``epochs`` alone decide.
     (``trainer.max_steps`` is the GRPO budget; SFT runs use this field.)"""
@@ -495,7 +507,9 @@ class PairTrainingConfig(Section):
     batch_size: int = 32
     """Pairs per optimizer step."""
     micro_batch_size: int = 16
-    """Pairs per forward/backward pass (each pass runs chosen and rejected together: 2x rows)."""
+    """Pairs per forward/backward pass (each pass runs chosen and rejected together: 2x rows). Need not divide
+    ``batch_size``: each micro-batch's mean loss is weighted by its share of the step's pairs, so the last, smaller
+    one gives the same update; a value above ``batch_size`` means one pass per step."""
     epochs: int = 1
     """Passes over the training pairs."""
     max_steps: int | None = None
@@ -569,15 +583,20 @@ class PPOConfig(Section):
     passes of clipped policy and value losses over mini-batches."""
 
     prompts_per_step: int = 32
-    """Prompts per rollout batch (one completion each, or ``num_generations``)."""
+    """Prompts per rollout batch (one completion each, or ``num_generations``); at most the number of training
+    prompts (the trainer raises ``ValueError`` when it starts: a prompt would be drawn twice into one batch)."""
     num_generations: int = 1
     """Completions sampled per prompt."""
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     mini_batch_size: int = 16
-    """Completions per optimizer step (of the actor and of the critic) within a pass."""
+    """Completions per optimizer step (of the actor and of the critic) within a pass. Must divide the rollout batch
+    ``prompts_per_step * num_generations`` (as veRL asserts): a smaller last mini-batch would be an optimizer step
+    on a few samples, weighted like a whole one."""
     micro_batch_size: int = 16
-    """Completions per forward/backward pass (gradient accumulation inside a mini-batch)."""
+    """Completions per forward/backward pass (gradient accumulation inside a mini-batch); at most
+    ``mini_batch_size``. It need not divide ``mini_batch_size``: the losses are normalised by the mini-batch's
+    token/sequence counts, so the last, smaller micro-batch gives the same update."""
     clip_ratio_low: float = 0.2
     """Policy ratio clipped below at ``1 - clip_ratio_low``; in [0, 1]."""
     clip_ratio_high: float = 0.2
@@ -620,7 +639,8 @@ class PPOConfig(Section):
     """The frozen reward model: a run directory of ``rlhf-engine rm`` or a ``*ForSequenceClassification``
     checkpoint. Null: the rule rewards of ``rewards``."""
     rewards: list[str] = field(default_factory=list)
-    """Rule reward functions (as in ``grpo.rewards``), used when ``reward_model`` is null."""
+    """Rule reward functions (as in ``grpo.rewards``; an import path runs that module's code), used when
+    ``reward_model`` is null."""
     reward_weights: list[float] | None = None
     """One weight per entry of ``rewards``; null weighs them all 1."""
     reward_clip: float | None = None
@@ -634,12 +654,21 @@ class PPOConfig(Section):
     """Upper bound of the rollout importance weights (> 0)."""
 
     def validate(self) -> None:
-        """Positive sizes, clip ratios, discounting and KL settings in range; a reward source."""
+        """Positive sizes, a mini-batch that divides the rollout batch and a micro-batch no larger than it, clip
+        ratios, discounting and KL settings in range; a reward source."""
         _int("prompts_per_step", self.prompts_per_step, 1)
         _int("num_generations", self.num_generations, 1)
         _int("ppo_epochs", self.ppo_epochs, 1)
         _int("mini_batch_size", self.mini_batch_size, 1)
         _int("micro_batch_size", self.micro_batch_size, 1)
+        batch = self.prompts_per_step * self.num_generations
+        if batch % self.mini_batch_size:
+            raise ConfigError("mini_batch_size", f"must divide the rollout batch prompts_per_step * num_generations = "
+                              f"{self.prompts_per_step} * {self.num_generations} = {batch}, got "
+                              f"{self.mini_batch_size}")
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ConfigError("micro_batch_size", f"must be <= mini_batch_size ({self.mini_batch_size}): a "
+                              f"forward/backward pass splits a mini-batch; got {self.micro_batch_size}")
         _num("clip_ratio_low", self.clip_ratio_low, 0.0, 1.0)
         _num("clip_ratio_high", self.clip_ratio_high, 0.0)
         if self.cliprange_value is not None:
@@ -697,8 +726,14 @@ class TrainerConfig(Section):
     keep_last: int = 2
     """Complete checkpoints kept on disk; older ones are deleted after a new one is committed."""
     resume: str | None = None
-    """null: start fresh; ``auto``: resume from the newest complete checkpoint in ``output_dir`` if there is one;
-    a path: resume from that checkpoint (it must be complete)."""
+    """null: start fresh (refused when ``output_dir`` already holds a run, unless ``overwrite``); ``auto``: resume
+    from the newest complete checkpoint in ``output_dir`` if there is one; a path: resume from that checkpoint (it
+    must be complete)."""
+    overwrite: bool = False
+    """Start fresh in an ``output_dir`` that already holds a run: its contents (checkpoints, metrics, configs) are
+    moved aside into ``output_dir/.trash-<time>/`` first, never mixed with the new run's. False refuses to start."""
+    zero_grad_warn_steps: int = 5
+    """Warn when the gradient norm is exactly 0 this many optimizer steps in a row (a dead model: nothing learns)."""
     max_consecutive_nonfinite: int = 3
     """Steps with a non-finite loss or grad norm are skipped (no optimizer step); this many in a row abort the run."""
     device: str = "auto"
@@ -721,6 +756,7 @@ class TrainerConfig(Section):
         _int("keep_last", self.keep_last, 1)
         _nonempty("resume", self.resume, allow_none=True)
         _int("max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
+        _int("zero_grad_warn_steps", self.zero_grad_warn_steps, 1)
         if not _DEVICE_RE.match(self.device):
             raise ConfigError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -853,6 +889,8 @@ def parse_value(text: str) -> Any:
 
 def _read_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} {'is not a file' if p.exists() else 'does not exist'}")
     text = p.read_text()
     if p.suffix == ".json":
         data = json.loads(text)

@@ -26,7 +26,7 @@ def _clock(start: float) -> str:
 
 def run_demo(output_dir: str = "runs/demo", *, digits: int = 3, ops: str = "+", sft_budget_s: float = 300.0,
              sft_target: float = 0.3, grpo_steps: int = 150, grpo_budget_s: float = 420.0, seed: int = 0,
-             num_eval: int = 200, style: str = "reverse") -> dict[str, float]:
+             num_eval: int = 200, style: str = "reverse", sft_max_steps: int = 5000) -> dict[str, float]:
     """Run the demo; returns ``{"sft_accuracy", "grpo_accuracy", "seconds"}`` (held-out greedy accuracy)."""
     from engine.sft_trainer import SFTTrainer
     from engine.trainer import GRPOTrainer
@@ -36,12 +36,14 @@ def run_demo(output_dir: str = "runs/demo", *, digits: int = 3, ops: str = "+", 
     task = f"data.train=builtin:arithmetic:{digits}:{ops}:{style}"
     # float32 on every device: a 1M-parameter model gains nothing from bf16, and full precision makes a CUDA run
     # follow the CPU one (bf16 on an H100 gave +7 points where the CPU gives +39.5 on the same seed)
+    # trainer.overwrite: a demo run again moves the previous one aside (printed), rather than refusing to start
     common = [task, MODEL, "model.dtype=float32", f"data.num_eval={num_eval}", f"trainer.seed={seed}",
-              "trainer.progress_bar=false"]
+              "trainer.progress_bar=false", "trainer.overwrite=true"]
     print(f"[demo] task: {digits}-digit {' and '.join(ops)} problems; {num_eval} held-out problems; run dir {root}")
 
     sft_cfg = load_config(SFTRunConfig, None, common + [
-        f"trainer.output_dir={root / 'sft'}", "sft.max_steps=5000", "sft.batch_size=64", "sft.micro_batch_size=64",
+        f"trainer.output_dir={root / 'sft'}", f"sft.max_steps={sft_max_steps}", "sft.batch_size=64",
+        "sft.micro_batch_size=64",
         "optim.lr=1e-3", "optim.warmup_steps=50", "trainer.eval_every=50"])
     sft = SFTTrainer(sft_cfg)
     print(f"[demo] {_clock(start)} cold-start SFT: stop at held-out accuracy >= {sft_target:.0%} "
@@ -98,3 +100,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-budget-s", type=float, default=300.0)
     p.add_argument("--grpo-steps", type=int, default=150)
     p.add_argument("--grpo-budget-s", type=float, default=420.0)
+    p.add_argument("--num-eval", type=int, default=200, help="held-out problems scored after SFT and GRPO")
+    p.add_argument("--sft-max-steps", type=int, default=5000, help="most SFT steps (the budget stops it first)")

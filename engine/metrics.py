@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -52,12 +53,21 @@ class MetricsLogger:
 
     def _truncate_from(self, step: int) -> None:
         """Keep the lines of steps ``<= step`` (the checkpoint covers them, step ``step`` included); none when ``step``
-        is 0 (a fresh run logs its own step-0 evaluation)."""
+        is 0 (a fresh run logs its own step-0 evaluation). A line cut short by a crash mid-write (not JSON) is
+        dropped. The file is replaced atomically (temporary file + rename): a crash here loses nothing."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if step > 0 and line.strip() and json.loads(line).get("step", -1) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn last line, or blank
+            if step > 0 and isinstance(record, dict) and record.get("step", -1) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` of ``step`` (non-finite floats are written as null)."""
@@ -85,9 +95,21 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of ``run_dir/metrics.jsonl``, in file order."""
+    """All records of ``run_dir/metrics.jsonl``, in file order. A last line cut short by a crash mid-write is
+    skipped; a malformed line elsewhere raises ``ValueError`` naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if i == len(lines) - 1:
+                break  # torn by a crash while it was written
+            raise ValueError(f"{path} line {i + 1} is not JSON: {err}") from None
+    return records
 
 
 PLOTTED = ("reward", "eval/reward", "eval/accuracy", "eval/rewards/accuracies", "kl", "completions/mean_length",

@@ -77,6 +77,71 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     p.copy_(m)
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """An optimizer step left non-finite parameters although the loss and the gradient norm were finite, and the
+    overflow was not foreseen (``update_would_overflow``): the weights are poisoned, the run stops, and no checkpoint
+    is written from them."""
+
+
+def nonfinite_tensors(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors of ``named`` that hold a NaN or an infinity. One fused max-abs reduction
+    per dtype group (``torch._foreach_norm(..., inf)``, which propagates NaN) and one host synchronisation."""
+    floats = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+    if not floats:
+        return []
+    norms = torch.stack([x.float() for x in torch._foreach_norm([t for _, t in floats], float("inf"))])
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    return [floats[i][0] for i in bad]
+
+
+def _adamw_targets(optimizer: torch.optim.Optimizer):
+    """``(group, stepped tensor, its gradient, dtype the result is stored in)`` for every parameter with a gradient:
+    for ``MasterWeightAdamW`` the float32 master, the model parameter's gradient and the parameter's dtype."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        masters = dict(zip(map(id, optimizer._masters), optimizer._model_params))
+        for group in optimizer.param_groups:
+            for m in group["params"]:
+                p = masters[id(m)]
+                if p.grad is not None:
+                    yield group, m, p.grad, p.dtype
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p, p.grad, p.dtype
+
+
+@torch.no_grad()
+def update_would_overflow(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Indices (in parameter order) of the float16 parameters that the next ``optimizer.step()`` would push past
+    float16's range (or to NaN), computed out of place before the step, so that a skipped step leaves the weights and
+    the optimizer state exactly as they were.
+
+    float16 is the only dtype whose range a finite AdamW update can leave (bf16 has float32's exponent range); for any
+    other dtype, or an optimizer that is not a ``torch.optim.AdamW``, the list is empty and ``clip_and_step``'s
+    check after the step is the safety net. ``MasterWeightAdamW`` is checked on its float32 masters, against the
+    dtype they are rounded to. The update is torch's AdamW (Loshchilov &
+    Hutter 2019) without amsgrad: decay ``p(1 - lr*wd)``, moments ``m, v``, bias corrections ``1 - beta^t``."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return []
+    bad = []
+    for i, (group, p, grad, dtype) in enumerate(_adamw_targets(optimizer)):
+        if dtype != torch.float16 or group.get("amsgrad") or group.get("maximize"):
+            continue
+        state = optimizer.state.get(p, {})
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = float(state["step"]) + 1 if "step" in state else 1.0
+        g = grad.float()
+        m = g * (1 - beta1) + (state["exp_avg"].float() * beta1 if "exp_avg" in state else 0.0)
+        v = g * g * (1 - beta2) + (state["exp_avg_sq"].float() * beta2 if "exp_avg_sq" in state else 0.0)
+        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+        new = p.float() * (1 - lr * wd) - (lr / (1 - beta1 ** t)) * m / denom
+        if not bool((new.abs() <= torch.finfo(dtype).max).all()):  # NaN compares False: caught too
+            bad.append(i)
+    return bad
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with ``cfg`` (an ``OptimConfig``): lr, betas, eps,
     weight_decay (not applied to biases and norm weights, as usual for transformers). When a trainable parameter is

@@ -29,12 +29,13 @@ from engine.algorithms import (
     ppo_epochs,
     token_level_rewards,
 )
+from engine.models.loading import require_local_dir
 from engine.models.value_model import load_value_model, sequence_scores, value_model_from_causal_lm
 from engine.optim import make_optimizer, make_scheduler
 from engine.pair_trainers import load_reward_model
 from engine.rewards import compute_rewards, load_reward
 from engine.stats import nanmean
-from engine.trainer import RolloutTrainer, resolve_model_dir
+from engine.trainer import RolloutTrainer, nonfinite_reward_cause, resolve_model_dir, skip_cause
 
 
 def _same_vocab(a, b) -> bool:
@@ -60,6 +61,9 @@ class PPOTrainer(RolloutTrainer):
 
     def __init__(self, cfg, *, model=None, tokenizer=None):
         self.reward_model = None
+        for name in ("reward_model", "critic_path"):  # a missing directory fails now, naming the setting
+            if getattr(cfg.ppo, name):
+                require_local_dir(getattr(cfg.ppo, name), f"ppo.{name}")
         super().__init__(cfg, model=model, tokenizer=tokenizer)
         p = cfg.ppo
         self.reward_fns = [load_reward(spec) for spec in p.rewards]
@@ -140,6 +144,12 @@ class PPOTrainer(RolloutTrainer):
         examples, completions = self.rollout(self.next_examples(p.prompts_per_step), step)
         t_gen = time.perf_counter() - t0
         scores, reward_metrics = self.score(examples, completions)
+        bad_reward = nonfinite_reward_cause(scores.tolist())
+        if bad_reward is not None:  # no advantage can be formed from it: skip the update, name the source
+            source = "the reward model" if self.reward_model is not None else "the reward functions"
+            self.record_step_outcome(False, {}, cause=f"{bad_reward}, from {source}")
+            return {"reward": scores.mean().item(), **reward_metrics, "loss": float("nan"),
+                    "perf/time/generate": t_gen}
 
         t1 = time.perf_counter()
         batch = make_batch([e.prompt_ids for e in examples], [list(c.token_ids) for c in completions],
@@ -164,14 +174,19 @@ class PPOTrainer(RolloutTrainer):
                             ref_logprobs=ref_lp if p.use_kl_loss else None, cfg=update_cfg,
                             temperature=g.temperature, max_grad_norm=cfg.optim.max_grad_norm,
                             rollout_logprobs=rollout_lp, autocast_dtype=self.autocast, generator=shuffle,
-                            update_actor=step >= p.critic_warmup_steps)
+                            update_actor=step >= p.critic_warmup_steps, loss_scale_factor=g.max_tokens)
         t_update = time.perf_counter() - t1
         actor_ok = step < p.critic_warmup_steps or update["actor/stepped"] == 1.0
         stepped = actor_ok and update["critic/stepped"] == 1.0
         if stepped:
             self.critic_scheduler.step()
+        cause = None
+        if not stepped:  # name the model whose step was skipped
+            who = "actor" if not actor_ok else "critic"
+            loss_key = "actor/pg_loss" if who == "actor" else "critic/vf_loss"
+            cause = f"{who}: " + skip_cause({"loss": update.get(loss_key), "grad_norm": update.get(f"{who}/grad_norm")})
         self.record_step_outcome(stepped, {"loss": update.get("actor/pg_loss"),
-                                           "grad_norm": update.get("actor/grad_norm")})
+                                           "grad_norm": update.get("actor/grad_norm")}, cause=cause)
 
         # the KL to the reference per sequence (k1 summed over the response, nats): the controller's input
         kl_seq = ((old_lp - ref_lp) * mask).sum(-1).mean().item() if ref_lp is not None else 0.0
@@ -179,7 +194,6 @@ class PPOTrainer(RolloutTrainer):
         self.state["kl_coef"] = self.kl_ctl.value
         n_tok = mask.sum(-1).float()
         masked = lambda t: (t * mask).sum() / mask.sum().clamp_min(1)  # a token mean
-        diff = (old_lp - rollout_lp).abs() * mask
         return {
             "reward": scores.mean().item(),
             **reward_metrics,
@@ -195,7 +209,6 @@ class PPOTrainer(RolloutTrainer):
             **update,
             "response_length/mean": n_tok.mean().item(),
             "response_length/clip_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            "sampling/logp_diff_mean": (diff.sum() / mask.sum().clamp_min(1)).item(),
             "perf/tokens_per_sec": float(n_tok.sum()) / max(t_gen + t_update, 1e-9),
             "perf/time/generate": t_gen,
             "perf/time/update": t_update,

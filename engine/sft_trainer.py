@@ -16,20 +16,49 @@ from engine.trainer import BaseTrainer
 
 class SFTTrainer(BaseTrainer):
     """SFT on the examples' ``completion`` column (``cfg``: an ``SFTRunConfig``). Steps: ``sft.max_steps``, else
-    ``sft.epochs`` passes over the data at ``sft.batch_size`` examples per optimizer step."""
+    ``sft.epochs`` passes over the data at ``sft.batch_size`` examples per optimizer step. Each example is at most
+    ``data.max_length`` tokens: longer completions are cut (``prepare_examples``)."""
 
     kind = "sft"
 
     def __init__(self, cfg, *, model=None, tokenizer=None):
         super().__init__(cfg, model=model, tokenizer=tokenizer)
+        self.generator = Generator(self.model, self.tokenizer, attention_backend=None)
+        self.eval_max_tokens = max(len(t) for t in self.targets.values()) + 8
+
+    def prepare_examples(self) -> None:
+        """The tokenized prompts (``BaseTrainer.prepare_examples``), then ``targets``: for each training example
+        (by ``id``) its completion's token ids + EOS, the completion cut at the end so that prompt + target fit
+        ``data.max_length`` tokens (one long completion would otherwise allocate its squared length in attention at
+        the step that draws it). Sets ``truncated_completions`` (the count cut, printed when not 0). Runs before the
+        run directory is written.
+
+        Raises ``ValueError`` when ``data.max_length <= data.max_prompt_tokens`` (no room for a completion), when a
+        training record has no completion, or when the tokenizer has no EOS token."""
+        data = self.cfg.data
+        if data.max_length <= data.max_prompt_tokens:
+            raise ValueError(f"data.max_length={data.max_length} must be > data.max_prompt_tokens="
+                             f"{data.max_prompt_tokens}: an SFT example is a prompt of up to max_prompt_tokens tokens "
+                             "plus its completion and EOS")
+        super().prepare_examples()
         missing = sum(e.completion is None for e in self.train_examples)
         if missing:
             raise ValueError(f"{missing} of {len(self.train_examples)} training records have no completion "
                              "(a 'completion' column, or GSM8K's worked answer) to fine-tune on")
-        self.targets = {id(e): self.tokenizer.encode(e.completion, add_special_tokens=False)
-                        + [self.tokenizer.eos_token_id] for e in self.train_examples}
-        self.generator = Generator(self.model, self.tokenizer, attention_backend=None)
-        self.eval_max_tokens = max(len(t) for t in self.targets.values()) + 8
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("SFT ends every target with the tokenizer's EOS token, and this tokenizer has none")
+        self.targets, self.truncated_completions = {}, 0
+        for e in self.train_examples:
+            ids = self.tokenizer.encode(e.completion, add_special_tokens=False)
+            room = data.max_length - len(e.prompt_ids) - 1  # >= 0: prompts are at most max_prompt_tokens long
+            if len(ids) > room:
+                ids = ids[:room]
+                self.truncated_completions += 1
+            self.targets[id(e)] = ids + [eos]
+        if self.truncated_completions:
+            print(f"[rlhf-engine] SFT: {self.truncated_completions} of {len(self.train_examples)} completions cut "
+                  f"to fit data.max_length={data.max_length} tokens (prompt + completion + EOS)")
 
     @property
     def total_steps(self) -> int:

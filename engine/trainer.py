@@ -10,6 +10,7 @@ holds what SFT and GRPO share; ``engine.sft_trainer.SFTTrainer`` is the cold sta
 from __future__ import annotations
 
 import copy
+import math
 import random
 import signal
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.algorithms import compute_advantages, make_batch, policy_update, response_logprobs
+from engine.algorithms.grpo import PolicyUpdateResult
 from engine.checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
@@ -28,20 +30,45 @@ from engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from engine.config import save_config
 from engine.data import char_tokenizer
 from engine.evaluation import evaluate_accuracy
 from engine.generation import Generator, SamplingParams
 from engine.metrics import MetricsLogger
-from engine.models import load_policy, tiny_model, train_bpe_tokenizer
+from engine.models import load_policy, require_local_dir, tiny_model, train_bpe_tokenizer
 from engine.optim import make_optimizer, make_scheduler, sync_lr
 from engine.rewards import compute_rewards, load_reward
+from engine.run_dir import RunDirectory
 from engine.stats import nanmean
 from engine.tasks import load_task, tokenize
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when ``trainer.max_consecutive_nonfinite`` steps in a row had a non-finite loss or gradient norm."""
+    """Raised when ``trainer.max_consecutive_nonfinite`` steps in a row were skipped: a non-finite reward, loss or
+    gradient norm, or an update that would overflow the weights."""
+
+
+def nonfinite_reward_cause(totals, per_fn: dict | None = None) -> str | None:
+    """None when every total reward is finite; else the message naming how many were not and, from ``per_fn``
+    (``{name: [reward | None]}``, ``engine.rewards.compute_rewards``), which reward functions gave them."""
+    bad = [i for i, r in enumerate(totals) if not math.isfinite(float(r))]
+    if not bad:
+        return None
+    culprits = [name for name, values in (per_fn or {}).items()
+                if any(v is not None and not math.isfinite(v) for v in values)]
+    source = f" from {', '.join(repr(n) for n in culprits)}" if culprits else ""
+    return f"non-finite reward{source} for {len(bad)} of {len(totals)} samples (first: sample {bad[0]})"
+
+
+def skip_cause(metrics: dict) -> str:
+    """Why a step with these ``metrics`` was skipped, for the message: a non-finite ``loss``, else a non-finite
+    ``grad_norm``, else (both finite) an update ``clip_and_step`` refused because it would overflow the weights."""
+    loss, grad_norm = metrics.get("loss"), metrics.get("grad_norm")
+    if loss is None or not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if grad_norm is None or not math.isfinite(grad_norm):
+        return f"non-finite gradient norm ({grad_norm}) with a finite loss ({loss:.4g})"
+    return (f"the update would make the weights non-finite (float16 overflow) with a finite loss ({loss:.4g}) and "
+            f"gradient norm ({grad_norm:.4g})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +106,7 @@ def build_tokenizer(model_cfg, texts=None):
         return train_bpe_tokenizer(texts, vocab_size=vocab)
     from transformers import AutoTokenizer
 
+    require_local_dir(spec, "model.tokenizer")  # else transformers calls a missing directory a bad Hub repo id
     return AutoTokenizer.from_pretrained(spec, local_files_only=True)
 
 
@@ -88,7 +116,7 @@ def build_policy(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
     feed a ``bpe`` tokenizer)."""
     dtype = resolve_dtype_name(model_cfg.dtype, device)
     if model_cfg.path:
-        path = resolve_model_dir(model_cfg.path)
+        path = resolve_model_dir(require_local_dir(model_cfg.path, "model.path"))
         model, tokenizer = load_policy(str(path), dtype=dtype, device=device)
         if tokenizer is None:
             raise ValueError(f"model.path={model_cfg.path} has no tokenizer; training needs one")
@@ -146,6 +174,17 @@ class BaseTrainer:
     def __init__(self, cfg, *, model=None, tokenizer=None):
         self.cfg = cfg
         t = cfg.trainer
+        # First, before any work: this process becomes the run directory's only writer, and a fresh start never lands
+        # in another run's directory (engine.run_dir).
+        self.run = RunDirectory.open(t.output_dir, resume=t.resume, overwrite=t.overwrite)
+        try:
+            self._set_up(cfg, model, tokenizer)
+        except BaseException:
+            self.run.close()
+            raise
+
+    def _set_up(self, cfg, model, tokenizer) -> None:
+        t = cfg.trainer
         seed_everything(t.seed)
         self.device = resolve_device(t.device)
         self.run_dir = Path(t.output_dir)
@@ -161,9 +200,8 @@ class BaseTrainer:
         self.autocast = param_dtype if self.device.type == "cuda" and low else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0,
+                      "zero_grad_in_a_row": 0}
         self.before_resume()
         resume = resolve_resume(t.resume, self.run_dir)
         if resume is not None:
@@ -176,6 +214,8 @@ class BaseTrainer:
                     if c.get("optimizer") is not None and c.get("scheduler") is not None]:
                 sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
             print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
+        # Only now, with the checkpoint loaded: a start that failed above leaves the directory's configs as they were.
+        self.run.write_config(cfg, self.state["step"])
 
     # ------------------------------------------------------------------------------------------------ set-up hooks
     def load_data(self) -> None:
@@ -195,11 +235,15 @@ class BaseTrainer:
         return build_policy(self.cfg.model, self.device, seed=self.cfg.trainer.seed, texts=self.training_texts())
 
     def prepare_examples(self) -> None:
-        """Set ``train_examples`` and ``eval_examples`` from the records (tokenized prompts by default); raises
-        ``ValueError`` when no training example is left."""
+        """Set ``train_examples`` and ``eval_examples`` from the records (tokenized prompts by default), printing how
+        many prompts were left out for length; raises ``ValueError`` when no training example is left."""
         data, builtin = self.cfg.data, self._builtin_task
         self.train_examples, dropped = tokenize(self.train_records, self.tokenizer, data, builtin=builtin)
-        self.eval_examples, _ = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
+        self.eval_examples, eval_dropped = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
+        if dropped or eval_dropped:
+            print(f"[rlhf-engine] prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
+                  f"{dropped} of {len(self.train_records)} training, {eval_dropped} of {len(self.eval_records)} "
+                  "held-out")
         if not self.train_examples:
             raise ValueError(f"no training prompt fits data.max_prompt_tokens={data.max_prompt_tokens} "
                              f"({dropped} dropped)")
@@ -248,26 +292,57 @@ class BaseTrainer:
                                trainer_state=dict(self.state), keep_last=t.keep_last,
                                components=self.checkpoint_components())
 
-    def record_step_outcome(self, stepped: bool, metrics: dict) -> None:
-        """Count skipped (non-finite) steps; raise ``NonFiniteLossError`` after too many in a row."""
+    def record_step_outcome(self, stepped: bool, metrics: dict, cause: str | None = None) -> None:
+        """Book-keeping after ``train_step``'s optimizer step, or its refusal.
+
+        A skipped step is counted and printed with what was non-finite: ``cause`` when the trainer knows it (a
+        reward, say), else read from ``metrics`` (``skip_cause``). ``trainer.max_consecutive_nonfinite`` skipped steps
+        in a row raise ``NonFiniteLossError``. A taken step advances the schedule; a gradient norm of exactly 0 for
+        ``trainer.zero_grad_warn_steps`` steps in a row prints a warning (a dead model learns nothing and would
+        otherwise end with exit code 0). Step numbers printed are the 1-based ones of ``metrics.jsonl``."""
+        step = self.state["step"] + 1  # this step's number in metrics.jsonl (state["step"] counts the steps done)
+        t = self.cfg.trainer
         if stepped:
             self.scheduler.step()
             self.state["nonfinite_in_a_row"] = 0
+            zero = metrics.get("grad_norm") == 0.0
+            self.state["zero_grad_in_a_row"] = self.state.get("zero_grad_in_a_row", 0) + 1 if zero else 0
+            if self.state["zero_grad_in_a_row"] == t.zero_grad_warn_steps:
+                print(f"[rlhf-engine] warning: step {step}: the gradient norm was exactly 0 for "
+                      f"{t.zero_grad_warn_steps} steps in a row (steps {step - t.zero_grad_warn_steps + 1}-{step}): "
+                      "nothing is learning. Dead weights after too large an optim.lr, or (GRPO) no reward variance "
+                      "within any group? (trainer.zero_grad_warn_steps)")
             return
+        cause = cause or skip_cause(metrics)
         self.state["nonfinite_in_a_row"] += 1
         self.state["skipped_steps"] += 1
-        print(f"[rlhf-engine] step {self.state['step']}: non-finite loss or gradient norm "
-              f"({metrics.get('loss')}, {metrics.get('grad_norm')}): optimizer step skipped")
-        if self.state["nonfinite_in_a_row"] >= self.cfg.trainer.max_consecutive_nonfinite:
+        print(f"[rlhf-engine] step {step}: {cause}: optimizer step skipped")
+        if self.state["nonfinite_in_a_row"] >= t.max_consecutive_nonfinite:
+            if "non-finite reward" in cause:
+                hint = "check the reward functions or the reward model"
+            elif "the update would" in cause:
+                hint = "lower optim.lr, or train float32 or bfloat16 weights (model.dtype)"
+            else:
+                hint = "lower optim.lr or check the data"
             raise NonFiniteLossError(
                 f"{self.state['nonfinite_in_a_row']} non-finite steps in a row (trainer.max_consecutive_nonfinite="
-                f"{self.cfg.trainer.max_consecutive_nonfinite}); lower optim.lr or check the data")
+                f"{t.max_consecutive_nonfinite}), the last at step {step}: {cause}; {hint}")
 
     def train(self, should_stop=None) -> dict[str, float]:
         """Run from the current step to ``total_steps``; returns the last metrics (with the final evaluation).
 
         ``should_stop(metrics) -> bool``, checked after every step (after its evaluation), ends the run early (the
-        demo stops the cold-start SFT once the held-out accuracy leaves room for RL, or at a time budget)."""
+        demo stops the cold-start SFT once the held-out accuracy leaves room for RL, or at a time budget).
+
+        The run directory's lock is held until this returns or raises (then released: another process may continue
+        the run); a second ``train()`` takes it again."""
+        self.run.relock()
+        try:
+            return self._train(should_stop)
+        finally:
+            self.run.close()
+
+    def _train(self, should_stop) -> dict[str, float]:
         t = self.cfg.trainer
         logger = MetricsLogger(self.run_dir, progress_total=self.total_steps if t.progress_bar else None,
                                start_step=self.state["step"], tensorboard=t.tensorboard, wandb=t.wandb)
@@ -330,6 +405,16 @@ class RolloutTrainer(BaseTrainer):
     @property
     def algo_cfg(self):
         return getattr(self.cfg, self.algo)
+
+    def prepare_examples(self) -> None:
+        """The tokenized prompts; raises ``ValueError`` when ``prompts_per_step`` exceeds their number (every step
+        would draw some prompt twice, and its group would count twice in the batch's statistics)."""
+        super().prepare_examples()
+        want, have = self.algo_cfg.prompts_per_step, len(self.train_examples)
+        if want > have:
+            raise ValueError(f"{self.algo}.prompts_per_step={want} is more than the {have} training prompts (after "
+                             "data.num_eval held out and prompts over data.max_prompt_tokens left out): every step "
+                             "would draw some prompts twice; lower it or add prompts")
 
     def rollout(self, examples: list, step: int) -> tuple[list, list]:
         """Sample ``num_generations`` completions per prompt, seeded by ``(trainer.seed, step)``; returns (examples
@@ -397,23 +482,32 @@ class GRPOTrainer(RolloutTrainer):
         totals, per_fn = compute_rewards(self.reward_fns, cfg.grpo.reward_weights,
                                          [e.record["prompt"] for e in examples], texts, columns)
         scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
-        advantages = compute_advantages(scores, cfg.grpo.num_generations, norm_by_std=cfg.grpo.norm_adv_by_std,
-                                        unbiased_std=cfg.grpo.unbiased_std, epsilon=cfg.grpo.epsilon)
+        bad_reward = nonfinite_reward_cause(totals, per_fn)
 
         t1 = time.perf_counter()
         batch = make_batch([e.prompt_ids for e in examples], [c.token_ids for c in completions],
                            self.tokenizer.pad_token_id or 0, self.device)
         rollout_lp = self.rollout_logprobs(completions, batch)
-        old_lp, ref_lp = self.old_and_ref_logprobs(batch, rollout_lp)
-        for _ in range(cfg.grpo.ppo_epochs):  # pass 1 is on-policy; later passes reuse the rollout (old_lp fixed)
-            result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
-                                   cfg=cfg.grpo, temperature=cfg.generation.temperature,
-                                   max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
-                                   autocast_dtype=self.autocast)
-            if not result.stepped:
-                break
+        if bad_reward is None:
+            advantages = compute_advantages(scores, cfg.grpo.num_generations, norm_by_std=cfg.grpo.norm_adv_by_std,
+                                            unbiased_std=cfg.grpo.unbiased_std, epsilon=cfg.grpo.epsilon)
+            old_lp, ref_lp = self.old_and_ref_logprobs(batch, rollout_lp)
+            corr = {}
+            for epoch in range(cfg.grpo.ppo_epochs):  # pass 1 is on-policy; later ones reuse the rollout (old_lp fixed)
+                result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
+                                       cfg=cfg.grpo, temperature=cfg.generation.temperature,
+                                       max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
+                                       autocast_dtype=self.autocast, loss_scale_factor=cfg.generation.max_tokens,
+                                       measure_rollout_corr=epoch == 0)  # pass 1 runs the rollout's weights
+                corr = corr or {k: v for k, v in result.metrics.items() if k.startswith("rollout_corr/")}
+                if not result.stepped:
+                    break
+            result.metrics.update(corr)
+        else:  # no advantage can be formed from an infinite reward: nothing to learn from this batch
+            old_lp = rollout_lp
+            result = PolicyUpdateResult({"loss": float("nan"), "grad_norm": float("nan")}, stepped=False)
         t_update = time.perf_counter() - t1
-        self.record_step_outcome(result.stepped, result.metrics)
+        self.record_step_outcome(result.stepped, result.metrics, cause=bad_reward)
 
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         group_std = scores.view(-1, cfg.grpo.num_generations).std(-1)
@@ -429,8 +523,4 @@ class GRPOTrainer(RolloutTrainer):
             "perf/time/generate": t_gen,
             "perf/time/update": t_update,
         }
-        mask = batch.response_mask
-        diff = (old_lp - rollout_lp).abs() * mask
-        metrics["sampling/logp_diff_mean"] = (diff.sum() / mask.sum().clamp_min(1)).item()
-        metrics["sampling/logp_diff_max"] = diff.max().item() if diff.numel() else 0.0
         return metrics

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels as K
+from engine.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
 
 
 @dataclass
@@ -83,13 +84,26 @@ def make_pair_batch(prompts: list[list[int]], chosen: list[list[int]], rejected:
 
 def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple[float, bool]:
     """Finish an accumulated step: clip the gradient norm to ``max_grad_norm`` and step ``optimizer`` unless the loss
-    (``finite`` False) or the gradient norm is non-finite; the gradients are zeroed either way, so a bad step never
-    reaches the weights. Returns ``(grad_norm, stepped)`` (grad_norm NaN when the loss was non-finite)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    (``finite`` False) or the gradient norm is non-finite, or the update would overflow float16 weights
+    (``engine.optim.update_would_overflow``, checked before the step so that the weights and the optimizer state are
+    left as they were); the gradients are zeroed either way, so a bad step never reaches the weights. Returns
+    ``(grad_norm, stepped)`` (grad_norm NaN when the loss was non-finite; ``stepped`` False with a finite loss and
+    gradient norm means the update was refused).
+
+    After a step the updated parameters are checked (one fused reduction): non-finite weights that were not foreseen
+    raise ``NonFiniteWeightsError`` naming them, before anything can save them."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else float("nan")
-    stepped = finite and math.isfinite(grad_norm)
+    stepped = finite and math.isfinite(grad_norm) and not update_would_overflow(optimizer)
     if stepped:
         optimizer.step()
+        bad = nonfinite_tensors(named)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"the optimizer step made {len(bad)} of {len(named)} parameter tensors non-finite ({bad[:4]}"
+                f"{'...' if len(bad) > 4 else ''}) with a finite loss and gradient norm ({grad_norm:.4g}); the run "
+                "stops and no checkpoint is written from these weights: lower optim.lr")
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
 

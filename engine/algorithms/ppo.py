@@ -16,7 +16,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.batching import TokenBatch, clip_and_step
-from engine.algorithms.grpo import PolicyUpdateResult, policy_update
+from engine.algorithms.grpo import PolicyUpdateResult, global_denominators, policy_update
 from engine.models.value_model import token_values
 
 
@@ -102,7 +102,8 @@ def token_level_rewards(scores: torch.Tensor, response_mask: torch.Tensor, *, lo
         if logprobs is None:
             raise ValueError("logprobs is required when ref_logprobs is given and kl_coef > 0")
         _check_bt("logprobs", logprobs, mask.shape)
-        kl = K.kl_penalty(logprobs.detach(), ref_logprobs.detach(), kl_estimator).float() * mask
+        # where, not * mask: a NaN/inf log-prob on a padded token must not become a NaN reward there
+        kl = torch.where(mask, K.kl_penalty(logprobs.detach(), ref_logprobs.detach(), kl_estimator).float(), 0.0)
         rewards = -kl_coef * kl
     if T:
         last = T - 1 - mask.flip(-1).to(torch.int8).argmax(-1)  # the last True of each row
@@ -115,15 +116,15 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_m
                    gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] float32: kernels.gae(token_rewards, values, response_mask, gamma, lam), then, when
     whiten, advantages = kernels.masked_whiten(advantages, response_mask) (veRL's recipe; returns are NOT whitened).
-    Both multiplied by the mask (0 on padding).
+    Both are 0 on padding (selected with the mask, so a NaN/inf reward or value there reaches no output).
 
     Whitening needs at least two response tokens in the batch (``ValueError`` from ``kernels.masked_whiten``) and
     reads the mask count back to the host once."""
     adv, ret = K.gae(token_rewards, values.detach(), response_mask, gamma=gamma, lam=lam)
     if whiten:
         adv = K.masked_whiten(adv, response_mask)
-    m = response_mask.to(torch.float32)
-    return adv.float() * m, ret.float() * m
+    m = response_mask.bool()
+    return torch.where(m, adv.float(), 0.0), torch.where(m, ret.float(), 0.0)
 
 
 def critic_values(critic, batch: TokenBatch) -> torch.Tensor:
@@ -143,19 +144,22 @@ class CriticUpdateResult:
 
 def critic_update(critic, optimizer, batch: TokenBatch, old_values: torch.Tensor, returns: torch.Tensor, *,
                   cliprange_value: float | None, loss_agg_mode: str, micro_batch_size: int, max_grad_norm: float,
-                  autocast_dtype: torch.dtype | None = None) -> CriticUpdateResult:
+                  autocast_dtype: torch.dtype | None = None, loss_scale_factor: float | None = None
+                  ) -> CriticUpdateResult:
     """One optimizer step of kernels.value_loss over batch (gradient accumulation over micro-batches of rows, each
-    normalised by the WHOLE batch's token count (global_num_tokens) / seq count (global_num_seqs), loss_scale_factor=T,
-    exactly as grpo.policy_update does for the policy, so the summed gradient equals the full-batch gradient). Uses
+    normalised by the WHOLE batch's token count (global_num_tokens) and count of rows with at least one response token
+    (global_num_seqs), with loss_scale_factor (None -> the batch's T), via grpo.global_denominators exactly as
+    grpo.policy_update does for the policy, so the summed gradient equals the full-batch gradient). Uses
     engine.algorithms.batching.clip_and_step (non-finite loss or grad norm -> no step, stepped=False). Metrics
     (veRL names): "critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/grad_norm".
 
     old_values, returns: ``[B, T]`` (the rollout critic's values and the GAE returns; no gradient). One host sync per
     micro-batch (the loss and metrics are read back)."""
-    B, T = batch.labels.shape
+    B = batch.labels.shape[0]
     _check_bt("old_values", old_values, batch.response_mask.shape)
     _check_bt("returns", returns, batch.response_mask.shape)
-    n_tok = max(batch.num_tokens, 1)
+    denominators = global_denominators(batch, loss_scale_factor)
+    n_tok = denominators["global_num_tokens"]
     sums = {"vf_loss": 0.0, "vf_clipfrac": 0.0, "vpred_mean": 0.0}
     finite = True
     optimizer.zero_grad(set_to_none=True)
@@ -166,8 +170,7 @@ def critic_update(critic, optimizer, batch: TokenBatch, old_values: torch.Tensor
                             enabled=autocast_dtype is not None):
             values = critic_values(critic, mb)
         loss, metrics = K.value_loss(values, old_values[rows], returns[rows], mb.response_mask,
-                                     cliprange_value=cliprange_value, loss_agg_mode=loss_agg_mode,
-                                     global_num_tokens=n_tok, global_num_seqs=B, loss_scale_factor=T)
+                                     cliprange_value=cliprange_value, loss_agg_mode=loss_agg_mode, **denominators)
         if not torch.isfinite(loss):
             finite = False
             break
@@ -194,7 +197,8 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
                advantages: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                ref_logprobs: torch.Tensor | None = None, cfg, temperature: float, max_grad_norm: float,
                rollout_logprobs: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
-               generator: torch.Generator | None = None, update_actor: bool = True) -> dict[str, float]:
+               generator: torch.Generator | None = None, update_actor: bool = True,
+               loss_scale_factor: float | None = None) -> dict[str, float]:
     """cfg.ppo_epochs passes over the rollout batch; each pass shuffles the rows (with `generator`, so runs are
     reproducible) into mini-batches of cfg.mini_batch_size rows; per mini-batch one actor step
     (engine.algorithms.grpo.policy_update with the mini-batch's rows, token-level advantages [b, T]; cfg provides
@@ -209,7 +213,14 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
     old_logprobs, advantages, old_values, returns, ref_logprobs, rollout_logprobs: ``[B, T]`` rollout tensors (no
     gradient). `generator` is a CPU generator (``torch.randperm``); None draws from the global RNG. Both steps of a
     mini-batch are attempted before stopping; ``ppo/updates`` counts the mini-batches processed. ``update_actor=False``
-    (veRL's critic warm-up) steps the critic alone: the actor metrics are NaN then."""
+    (veRL's critic warm-up) steps the critic alone: the actor metrics are NaN then. With ``rollout_logprobs`` the
+    first mini-batch's actor step, which runs the rollout's weights, adds the ``rollout_corr/*`` mismatch metrics of
+    that mini-batch's rows (``policy_update(measure_rollout_corr=True)``).
+
+    ``loss_scale_factor``: the Dr. GRPO constant of ``loss_agg_mode="seq-mean-token-sum-norm"``, passed to both
+    ``policy_update`` and ``critic_update`` (the trainer passes ``generation.max_tokens``, as TRL's
+    ``max_completion_length``); None falls back to the rollout batch's ``T``. Each mini-batch step normalises by its
+    own mini-batch's token count and count of non-empty rows (one optimizer step = one global batch)."""
     B = batch.labels.shape[0]
     if cfg.mini_batch_size < 1 or cfg.ppo_epochs < 0:
         raise ValueError(f"need mini_batch_size >= 1 and ppo_epochs >= 0, got {cfg.mini_batch_size}, "
@@ -219,6 +230,7 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
         if t is not None:
             _check_bt(name, t, batch.response_mask.shape)
     history: list[dict[str, float]] = []
+    corr: dict[str, float] = {}
     stop = False
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(batch.input_ids.device)
@@ -230,13 +242,16 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
                                       ref_logprobs=_rows_or_none(ref_logprobs, idx), cfg=cfg, temperature=temperature,
                                       max_grad_norm=max_grad_norm,
                                       rollout_logprobs=_rows_or_none(rollout_logprobs, idx),
-                                      autocast_dtype=autocast_dtype)
+                                      autocast_dtype=autocast_dtype, loss_scale_factor=loss_scale_factor,
+                                      # only the first actor step runs the rollout's weights
+                                      measure_rollout_corr=rollout_logprobs is not None and not history)
+                corr = corr or {k: v for k, v in actor.metrics.items() if k.startswith("rollout_corr/")}
             else:
                 actor = PolicyUpdateResult({src: float("nan") for src in _ACTOR_METRICS.values()}, True)
             crit = critic_update(critic, critic_optimizer, mb, old_values[idx], returns[idx],
                                  cliprange_value=cfg.cliprange_value, loss_agg_mode=cfg.loss_agg_mode,
                                  micro_batch_size=cfg.micro_batch_size, max_grad_norm=max_grad_norm,
-                                 autocast_dtype=autocast_dtype)
+                                 autocast_dtype=autocast_dtype, loss_scale_factor=loss_scale_factor)
             row = {out: actor.metrics[src] for out, src in _ACTOR_METRICS.items()}
             row.update(crit.metrics)
             row["actor/stepped"] = float(actor.stepped)
@@ -251,4 +266,5 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
              "actor/stepped", "critic/stepped"]
     out = {name: sum(r[name] for r in history) / len(history) if history else float("nan") for name in names}
     out["ppo/updates"] = float(len(history))
+    out.update(corr)
     return out

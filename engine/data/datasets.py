@@ -19,6 +19,7 @@ _SUFFIXES = (".jsonl", ".json", ".parquet")
 _GZ_SUFFIXES = (".jsonl.gz", ".json.gz")  # gzip-compressed text formats: the suffix before ".gz" is the format
 _ALL_SUFFIXES = _SUFFIXES + _GZ_SUFFIXES
 _JSON_LIST_KEYS = ("data", "train", "records", "rows", "examples")  # where a .json dict may keep its rows
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some Windows tools write first
 
 
 def _file_suffix(path: Path) -> str:
@@ -29,18 +30,35 @@ def _file_suffix(path: Path) -> str:
     return Path(name).suffix
 
 
-def _open_text(path: Path):
-    """``path`` opened for reading UTF-8 text, decompressing it when its name ends in ``.gz``."""
+def _open_bytes(path: Path):
+    """``path`` opened for reading bytes, decompressing it when its name ends in ``.gz``. Bytes, not text: a decoding
+    error of a text stream surfaces a whole read-ahead chunk after its line, so lines are decoded one by one."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    """``raw`` (the bytes of ``path`` from the start of its line ``lineno``: one line, or the whole file) as UTF-8
+    text; a byte-order mark at the start of the file is dropped. Raises ``ValueError`` naming the file, the line,
+    the column and the bad byte."""
+    if lineno == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = raw.rfind(b"\n", 0, err.start) + 1  # the bad byte's line, when raw holds several
+        line = lineno + raw.count(b"\n", 0, err.start)
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                         f"{err.start - start + 1}: {err.reason}); re-encode the file as UTF-8") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSON Lines file (gzip-compressed or not), one object per non-blank line. Raises ``ValueError``
-    naming the line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    naming the line (malformed JSON, not UTF-8, not an object)."""
+    with _open_bytes(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -56,8 +74,8 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 def _read_json(path: Path, split: str | None) -> list[Any]:
     """Rows of a ``.json`` file: a list of records, a dict holding one (under ``split``, ``"data"``, ``"train"``,
     ... or its only list value), or JSON Lines saved as ``.json`` (as ``datasets``' json loader accepts)."""
-    with _open_text(path) as f:
-        text = f.read()
+    with _open_bytes(path) as f:
+        text = _decode(f.read(), path, 1)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -163,9 +181,10 @@ def load_records(source: str | Path, *, split: str | None = None, limit: int | N
     Raises:
         FileNotFoundError: a path (absolute, relative with ``./``, or ending in a known suffix) that does not exist,
             or a directory without files for ``split`` (the message lists what it looked for).
-        ValueError: an empty file or one without records, a malformed JSON line (its number is named), a row that
-            is not an object, an unsupported suffix (``.parquet.gz`` included), a ``.gz`` file that is not valid
-            gzip, a negative ``limit``.
+        ValueError: an empty file or one without records, a malformed JSON line (its number is named), bytes that
+            are not UTF-8 in a JSON or JSON Lines file (the line, column and byte are named; a leading byte-order
+            mark is accepted), a row that is not an object, an unsupported suffix (``.parquet.gz`` included), a
+            ``.gz`` file that is not valid gzip, a negative ``limit``.
         ImportError: Parquet without ``pyarrow``/``pandas``, or a Hub name without ``datasets`` (the message says
             to install it or to pass a local file).
     """

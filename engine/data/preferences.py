@@ -88,13 +88,22 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _kind(value: Any, name: str, where: str) -> str:
-    """``"text"`` for a string, ``"messages"`` for a list of ``{"role": str, "content": str}`` dicts; else raises."""
+def preview(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to about ``width`` characters, for error messages that quote a record's value."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def content_kind(value: Any, name: str, where: str) -> str:
+    """``"text"`` for a string, ``"messages"`` for a list of ``{"role": str, "content": str}`` dicts (TRL's
+    conversational format). Raises ``ValueError`` for anything else, as ``f"{where}: {name!r} must be ..."``
+    naming the type and value found (or the first bad message and what is wrong with it)."""
     if isinstance(value, str):
         return "text"
     expected = f"{where}: {name!r} must be a string or a list of {{'role', 'content'}} messages"
     if not isinstance(value, list):
-        raise ValueError(f"{expected}, got {type(value).__name__}")  # noqa: TRY004 - bad data, not a bad call
+        raise ValueError(  # noqa: TRY004 - bad data, not a bad call
+            f"{expected}, got {type(value).__name__}: {preview(value)}")
     for j, m in enumerate(value):
         if not isinstance(m, dict):
             problem = f"is a {type(m).__name__}"
@@ -123,7 +132,7 @@ def _to_pair(record: Any, i: int, source: str, allow_empty_response: bool) -> Pr
         raise ValueError(f"{where}: missing {' and '.join(map(repr, missing))} (its keys: {sorted(record)})")
     prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
     names = ("prompt", "chosen", "rejected") if prompt is not None else ("chosen", "rejected")
-    kinds = {name: _kind(record[name], name, where) for name in names}
+    kinds = {name: content_kind(record[name], name, where) for name in names}
     if len(set(kinds.values())) > 1:
         described = ", ".join(f"{n} is {'a string' if k == 'text' else 'a list of messages'}" for n, k in kinds.items())
         raise ValueError(f"{where}: mixes strings and conversations ({described}); use one format for all fields")

@@ -42,19 +42,52 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     raise ValueError(f"dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+def _looks_like_repo_id(path: str | os.PathLike) -> bool:
+    """``"namespace/name"`` or ``"name"``: relative, at most one slash, not ``./...`` (could be a Hub repo id)."""
+    text = str(path)
+    return not Path(text).expanduser().is_absolute() and text.count("/") <= 1 and not text.startswith((".", "~"))
+
+
+def _cached_snapshot(path: str | os.PathLike) -> Path | None:
+    """The local Hugging Face cache's snapshot of the repo id ``path`` (no network), or None."""
+    if not _looks_like_repo_id(path):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except (OSError, ValueError):  # not a valid repo id, or not in the cache
+        return None
+
+
+def require_local_dir(path: str | os.PathLike, field: str) -> Path:
+    """The directory that the setting ``field`` (``"model.path"``, ``"ppo.reward_model"``, ...) names: ``path``
+    itself, or the cached snapshot of the repo id ``path`` (no network). Call it before handing ``path`` to
+    transformers, which reports a missing local directory as a malformed Hub repo id.
+
+    Raises ``FileNotFoundError`` naming ``field``, ``path`` (and, for a relative path, the absolute path it was
+    looked for at) when nothing exists there, or when it is a file rather than a directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(f"{field}={str(path)!r} is a file, not a directory (expected a checkpoint or run "
+                                "directory)")
+    cached = _cached_snapshot(path)
+    if cached is not None:
+        return cached
+    where = "" if p.is_absolute() else f" (looked for at {p.absolute()})"
+    hub = ", and it is not a repo id in the local Hugging Face cache (nothing is downloaded)" \
+        if _looks_like_repo_id(path) else ""
+    raise FileNotFoundError(f"{field}={str(path)!r}: the directory does not exist{where}{hub}")
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """The local directory of a checkpoint: ``path`` itself, or the cached snapshot of the repo id ``path`` (no
     network). Raises ``FileNotFoundError`` when neither exists, and when the directory has no ``config.json``."""
     p = Path(path).expanduser()
     if not p.exists():
-        cached = None
-        if not p.is_absolute() and str(path).count("/") == 1 and not str(path).startswith("."):
-            try:
-                from huggingface_hub import snapshot_download
-
-                cached = Path(snapshot_download(str(path), local_files_only=True))
-            except (OSError, ValueError):  # not a valid repo id, or not in the cache: report the path below
-                cached = None
+        cached = _cached_snapshot(path)
         if cached is None:
             raise FileNotFoundError(f"model path {str(path)!r} does not exist (and is not a repo id in the local "
                                     "Hugging Face cache; nothing is downloaded)")

@@ -16,6 +16,8 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from engine.models.loading import resolve_checkpoint_dir
+
 
 def _score_head(model: PreTrainedModel) -> torch.nn.Module:
     head = getattr(model, "score", None)
@@ -63,8 +65,11 @@ def value_model_from_causal_lm(causal_lm: PreTrainedModel, *, seed: int = 0) -> 
 def load_value_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a reward model / critic saved as ``*ForSequenceClassification`` with ``num_labels=1`` from a local
-    directory, offline, in eval mode. Raises ``ValueError`` for a checkpoint of another kind (a causal LM: build one
-    with ``value_model_from_causal_lm``) or with more than one label."""
+    directory (or a repo id in the local Hugging Face cache), offline, in eval mode. Raises ``FileNotFoundError``
+    when the directory does not exist or has no ``config.json`` (``resolve_checkpoint_dir``), ``ValueError`` for a
+    checkpoint of another kind (a causal LM: build one with ``value_model_from_causal_lm``) or with more than one
+    label."""
+    path = resolve_checkpoint_dir(path)  # else transformers reports a missing directory as a bad Hub repo id
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in archs):

@@ -45,7 +45,8 @@ def load_reward(spec: str | RewardFn) -> RewardFn:
     Args:
         spec: a registry name (``REWARDS``: ``"accuracy"``, ``"format"``, ``"answer_tag"``), ``"pkg.module:attr"``
             (``attr`` may be dotted: ``"pkg.module:Class.method"``), ``"pkg.module.function"``, or a callable
-            (returned as is).
+            (returned as is). Importing a module runs its code: a config naming one is code, trust it as such
+            (TRL's ``trust_remote_code`` warning applies).
 
     Raises:
         ValueError: an empty spec, or a bare name that is neither registered nor a dotted path (the message lists the

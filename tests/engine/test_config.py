@@ -15,6 +15,8 @@ from engine.config import (
     GRPORunConfig,
     ModelConfig,
     OptimConfig,
+    PPOConfig,
+    PPORunConfig,
     SFTConfig,
     SFTRunConfig,
     TrainerConfig,
@@ -207,6 +209,7 @@ BAD_VALUES = [
     ("model.path=''", "model.path must be a non-empty string, got ''"),
     ("data.train=' '", "data.train must be a non-empty string"),
     ("data.max_prompt_tokens=0", "data.max_prompt_tokens must be >= 1"),
+    ("data.max_length=1", "data.max_length must be >= 2, got 1"),
     ("data.num_eval=-1", "data.num_eval must be >= 0"),
     ("data.template='Q: {question}'", "data.template must contain '{prompt}' or be null, got 'Q: {question}'"),
     ("trainer.max_steps=0", "trainer.max_steps must be >= 1"),
@@ -238,6 +241,24 @@ def test_validation_names_dotted_field(override, message):
 def test_sft_validation(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         load_config(SFTRunConfig, None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ppo.prompts_per_step=1", "ppo.num_generations=4", "ppo.mini_batch_size=3", "ppo.micro_batch_size=3"],
+     "ppo.mini_batch_size must divide the rollout batch prompts_per_step * num_generations = 1 * 4 = 4, got 3"),
+    (["ppo.prompts_per_step=2", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4"],
+     "ppo.mini_batch_size must divide the rollout batch prompts_per_step * num_generations = 2 * 1 = 2, got 4"),
+    (["ppo.prompts_per_step=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=8"],
+     "ppo.micro_batch_size must be <= mini_batch_size (4): a forward/backward pass splits a mini-batch; got 8"),
+])
+def test_ppo_batch_sizes_must_nest(overrides, message):
+    """A PPO mini-batch divides the rollout batch (veRL asserts it: a smaller last one would be a full optimizer step
+    on a few samples) and a micro-batch fits in a mini-batch; a micro-batch need not divide it (documented)."""
+    with pytest.raises(ValueError) as err:
+        load_config(PPORunConfig, None, ["ppo.rewards=[accuracy]", *overrides])
+    assert str(err.value) == message
+    cfg = PPOConfig(rewards=["accuracy"], prompts_per_step=3, num_generations=2, mini_batch_size=3, micro_batch_size=2)
+    assert (cfg.mini_batch_size, cfg.micro_batch_size) == (3, 2)
 
 
 def test_direct_construction_validates():

@@ -21,6 +21,7 @@ from engine.algorithms.ppo import (
 )
 from engine.models import tiny_model
 from engine.models.value_model import token_values, value_model_from_causal_lm
+from kernels.loss_agg import LOSS_AGG_MODES
 
 TINY = {"vocab_size": 32, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
         "intermediate_size": 64}
@@ -117,6 +118,26 @@ def test_gae_whitening_wiring_hand_computed():
     assert aw[1, 2] == 0 and Rw[1, 2] == 0
 
 
+def test_gae_advantages_and_token_rewards_ignore_non_finite_padding():
+    # NaN/inf on padded tokens (a -inf log-prob, a garbage value) reach no reward, advantage or return: all 0 there
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    lp = torch.tensor([[-1.0, -2.0, -0.5, -float("inf")], [-0.2, -3.0, float("nan"), 0.0], [float("nan")] * 4])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0], [-0.7, -2.0, -1.0, -1.0], [-1.0] * 4])
+    rewards, kl = token_level_rewards(torch.tensor([1.0, -1.0, 3.0]), mask, logprobs=lp, ref_logprobs=ref,
+                                      kl_coef=0.1, kl_estimator="k3")
+    assert torch.isfinite(rewards).all() and torch.isfinite(kl).all()
+    assert torch.all(rewards[~mask] == 0) and torch.all(kl[~mask] == 0)
+    values = torch.tensor([[0.3, -0.2, 0.4, float("nan")], [1.0, 0.5, float("inf"), float("nan")], [float("nan")] * 4])
+    clean = torch.where(mask, values, 0.0)
+    for whiten in (False, True):
+        adv, ret = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8, whiten=whiten)
+        gold_adv, gold_ret = gae_advantages(rewards, clean, mask, gamma=0.9, lam=0.8, whiten=whiten)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+        _assert_close(adv, gold_adv)
+        _assert_close(ret, gold_ret)
+        assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
+
+
 # --------------------------------------------------------------------------------------------- KL controllers
 def test_adaptive_kl_controller():
     ctl = AdaptiveKLController(0.1, target_kl=6.0, horizon=10000)
@@ -146,11 +167,15 @@ def test_fixed_kl_controller():
 
 
 # ------------------------------------------------------------------------------------- critic values / update
-def _critic_and_batch(seed=0):
+def _critic_and_batch(seed=0, empty_row=False):
     policy = tiny_model("llama", seed=seed, **TINY)
     critic = value_model_from_causal_lm(policy, seed=seed)
-    batch = make_batch([[1, 2, 3], [4, 5], [6, 7, 8], [9]], [[10, 11, 12, 13], [14], [15, 16, 17], [18, 19]],
-                       pad_id=0, device="cpu")
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    responses = [[10, 11, 12, 13], [14], [15, 16, 17], [18, 19]]
+    if empty_row:  # an empty completion in the middle: a fully masked row
+        prompts.insert(2, [20, 21])
+        responses.insert(2, [])
+    batch = make_batch(prompts, responses, pad_id=0, device="cpu")
     return critic, batch
 
 
@@ -175,9 +200,10 @@ def _targets(batch, seed=1):
     return torch.randn(m.shape, generator=g) * m, torch.randn(m.shape, generator=g) * m  # old_values, returns
 
 
-@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_critic_update_micro_batch_invariance(loss_agg_mode):
-    critic, batch = _critic_and_batch()
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("empty_row", [False, True])
+def test_critic_update_micro_batch_invariance(loss_agg_mode, empty_row):
+    critic, batch = _critic_and_batch(empty_row=empty_row)
     old_values, returns = _targets(batch)
     params = {}
     for mbs in (1, 4):
@@ -193,6 +219,42 @@ def test_critic_update_micro_batch_invariance(loss_agg_mode):
     assert any(not torch.equal(before[k], p) for k, p in params[4][1].items())  # the step did something
     for key in params[4][0]:
         assert params[1][0][key] == pytest.approx(params[4][0][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+def test_critic_update_fully_masked_row_changes_nothing(loss_agg_mode):
+    # the seq-mean modes count only rows with a response token (veRL agg_loss / OpenRLHF): adding an empty completion
+    # (whose padded targets are garbage) changes neither the loss nor the step
+    critic, batch = _critic_and_batch(empty_row=True)
+    old_values, returns = _targets(batch)
+    old_values[2], returns[2] = float("nan"), float("inf")  # the fully masked row's targets never reach the loss
+    keep = torch.tensor([0, 1, 3, 4])
+    results = []
+    for b, ov, ret in ((batch, old_values, returns), (batch.rows(keep), old_values[keep], returns[keep])):
+        c = copy.deepcopy(critic)
+        res = critic_update(c, torch.optim.SGD(c.parameters(), lr=0.5), b, ov, ret, cliprange_value=0.5,
+                            loss_agg_mode=loss_agg_mode, micro_batch_size=2, max_grad_norm=1e9)
+        assert res.stepped
+        results.append((res.metrics, {k: p.detach().clone() for k, p in c.named_parameters()}))
+    (with_empty, p_with), (without, p_without) = results
+    for key, value in without.items():
+        assert with_empty[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for name, p in p_without.items():
+        _assert_close(p_with[name], p, atol=1e-6, rtol=1e-4)
+
+
+def test_critic_update_loss_scale_factor():
+    # seq-mean-token-sum-norm divides by loss_scale_factor (default: the batch's T = 4): doubling it halves the loss
+    critic, batch = _critic_and_batch()
+    old_values, returns = _targets(batch)
+    losses = []
+    for factor in (None, 8):
+        c = copy.deepcopy(critic)
+        res = critic_update(c, torch.optim.SGD(c.parameters(), lr=0.0), batch, old_values, returns,
+                            cliprange_value=0.5, loss_agg_mode="seq-mean-token-sum-norm", micro_batch_size=2,
+                            max_grad_norm=1e9, loss_scale_factor=factor)
+        losses.append(res.metrics["critic/vf_loss"])
+    assert losses[1] == pytest.approx(losses[0] / 2, rel=1e-5)
 
 
 def test_critic_update_non_finite_returns_skip_the_step():
@@ -297,8 +359,9 @@ def test_ppo_epochs_is_reproducible_and_stops_on_non_finite():
         p, c = copy.deepcopy(policy), copy.deepcopy(critic)
         m = ppo_epochs(p, torch.optim.Adam(p.parameters(), lr=1e-3), c, torch.optim.Adam(c.parameters(), lr=1e-3),
                        batch, old_logprobs=old_lp, advantages=adv, old_values=values, returns=values + adv,
-                       cfg=_cfg(mini_batch_size=2, micro_batch_size=1), temperature=1.0, max_grad_norm=1.0,
-                       generator=torch.Generator().manual_seed(3))
+                       cfg=_cfg(mini_batch_size=2, micro_batch_size=1, loss_agg_mode="seq-mean-token-sum-norm"),
+                       temperature=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(3),
+                       loss_scale_factor=8)
         runs.append((m, [t.detach().clone() for t in p.parameters()]))
     assert runs[0][0] == runs[1][0] and runs[0][0]["ppo/updates"] == 4
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

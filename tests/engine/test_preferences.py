@@ -114,8 +114,9 @@ def test_conversational_explicit_and_implicit():
     ({"chosen": "\n\nHuman: x\n\nAssistant: ", "rejected": "\n\nHuman: x\n\nAssistant: no"},
      "data record 1: the chosen response is empty or whitespace-only"),  # empty after the split
     ({"chosen": "yes", "rejected": "no"}, "data record 1: chosen and rejected share no prefix"),
-    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "data record 1: 'chosen' must be a string or a list of .* got int"),
-    ({"prompt": "q", "chosen": "a", "rejected": None}, "data record 1: 'rejected' must be .* got NoneType"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"},
+     "data record 1: 'chosen' must be a string or a list of .* got int: 3$"),
+    ({"prompt": "q", "chosen": "a", "rejected": None}, "data record 1: 'rejected' must be .* got NoneType: None$"),
     ({"prompt": [_user("q")], "chosen": [{"role": "assistant"}], "rejected": [_assistant("n")]},
      r"data record 1: 'chosen' must be .*its message 0 has keys \['role'\]"),
     ({"prompt": [_user("q"), "hi"], "chosen": [_assistant("y")], "rejected": [_assistant("n")]},

@@ -73,18 +73,22 @@ def main() -> None:
         for b, c in enumerate(completions):
             old[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
         t1 = time.perf_counter()
+        # old = the generator's log-probs; the update's forward measures its gap to the trainer's (rollout_corr/*)
         result = policy_update(model, opt, batch, old, advantages, ref_logprobs=None, cfg=cfg, temperature=1.0,
-                               max_grad_norm=1.0, autocast_dtype=torch.bfloat16 if cuda else None)
+                               max_grad_norm=1.0, autocast_dtype=torch.bfloat16 if cuda else None,
+                               rollout_logprobs=old, measure_rollout_corr=True)
         sync()
         t_update = time.perf_counter() - t1
         tokens = sum(len(c.token_ids) for c in completions)
         row = {"step": step, "generate_s": t_gen, "update_s": t_update, "output_tokens": tokens,
                "tokens_per_s": tokens / (t_gen + t_update), "ppo_kl": result.metrics["ppo_kl"],
+               **{k: v for k, v in result.metrics.items() if k.startswith("rollout_corr/")},
                "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
         if step:
             rows.append(row)
         print(f"step {step}{' (warm-up)' if not step else ''}: generate {t_gen:.2f}s  update {t_update:.2f}s  "
-              f"{tokens} tokens  {row['tokens_per_s']:.0f} tok/s  ppo_kl {row['ppo_kl']:.2e}")
+              f"{tokens} tokens  {row['tokens_per_s']:.0f} tok/s  ppo_kl {row['ppo_kl']:.2e}  rollout/trainer "
+              f"|dlogp| mean {row['rollout_corr/logp_diff_mean']:.2e} max {row['rollout_corr/logp_diff_max']:.2e}")
     med = sorted(rows, key=lambda r: r["tokens_per_s"])[len(rows) // 2]
     print(f"median step: generate {med['generate_s']:.2f}s ({med['generate_s'] / (med['generate_s'] + med['update_s']):.0%}"
           f"), update {med['update_s']:.2f}s, {med['tokens_per_s']:.0f} output tok/s")

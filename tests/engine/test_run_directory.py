@@ -127,8 +127,10 @@ def test_a_crash_while_pruning_never_leaves_a_complete_checkpoint_with_files_mis
     tr.train()  # only step 3 is kept
     real_rmtree = ckpt.shutil.rmtree
 
-    def killed_halfway(path, *args, **kwargs):  # deletes the first file, then the process "dies"
-        os.remove(min(e.path for e in os.scandir(path) if e.is_file()))
+    def killed_halfway(path, *args, **kwargs):  # deletes the weights, then the process "dies" (marker still there)
+        weights = os.path.join(path, "model.safetensors")
+        if os.path.exists(weights):
+            os.remove(weights)
         raise KeyboardInterrupt
 
     tr.state["step"] = 4

@@ -32,6 +32,20 @@ from engine.models.tiny import tiny_model  # noqa: E402
 from kernels import _backend  # noqa: E402
 
 
+# Named CPU shapes (issue 10's CPU target): a random Qwen2 small enough for a 2-core machine, large enough that the
+# forward, not only the host, costs something.
+CPU_SHAPES = {"qwen2-cpu": dict(arch="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                                intermediate_size=704, vocab_size=2048, tie_word_embeddings=True)}
+
+
+def build_model(name: str, dtype: torch.dtype):
+    """``tiny`` (the tiny Llama), a ``CPU_SHAPES`` name, or a ``tiny_model`` preset (``qwen2.5-0.5b``, ...)."""
+    if name in CPU_SHAPES:
+        return tiny_model(**CPU_SHAPES[name], dtype=dtype)
+    preset = None if name == "tiny" else name
+    return tiny_model("qwen2" if preset and preset.startswith("qwen") else "llama", preset=preset, dtype=dtype)
+
+
 def sync(dev: str) -> None:
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -51,14 +65,16 @@ def timed(fn, dev: str) -> tuple[float, object, float | None]:
     return seconds, out, peak
 
 
-def run_ours(model, prompts, args, dev):
+def run_ours(model, prompts, args, dev, shared_prefix: bool = True):
     gen = Generator(model, max_num_seqs=args.prompts * args.n, block_size=args.block_size,
-                    attention_backend=args.backend, kv_cache_memory=args.kv_mb << 20 if args.kv_mb else None)
+                    attention_backend=args.backend, kv_cache_memory=args.kv_mb << 20 if args.kv_mb else None,
+                    shared_prefix=shared_prefix)
     params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     gen.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up (allocates the cache)
     seconds, outs, peak = timed(lambda: gen.generate(prompts, params), dev)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return dict(impl="ours", backend=gen.backend.name, seconds=seconds, output_tokens=tokens, peak_mb=peak)
+    return dict(impl="ours" if shared_prefix else "ours_noshare", backend=gen.backend.name, seconds=seconds,
+                output_tokens=tokens, peak_mb=peak, shared_prefix=gen.shared_prefix)
 
 
 def run_hf(model, prompts, args, dev):
@@ -94,20 +110,22 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--model", default="qwen2.5-0.5b" if cuda else "tiny", help="'tiny' or a tiny_model preset")
+    p.add_argument("--model", default="qwen2.5-0.5b" if cuda else "tiny",
+                   help=f"'tiny', one of {sorted(CPU_SHAPES)}, or a tiny_model preset")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--backend", default=None, help="attention backend (default: best available)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-mb", type=int, default=0, help="KV cache budget in MiB (default: the generator's)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--compare-shared-prefix", action="store_true",
+                   help="also run ours with shared_prefix=False (the prompt's K/V read once per sample)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating runs of every implementation; medians")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    preset = None if args.model == "tiny" else args.model
-    model = tiny_model("qwen2" if preset and preset.startswith("qwen") else "llama", preset=preset, dtype=dtype)
-    model = model.to(dev).eval()
+    model = build_model(args.model, dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.config.vocab_size, (args.prompts, args.prompt_len), generator=g).tolist()
 
@@ -116,9 +134,20 @@ def main() -> None:
     print(f"device: {info['device']} | torch {info['torch']} | model {args.model} {args.dtype} | "
           f"{args.prompts} prompts x n={args.n}, prompt {args.prompt_len}, {args.max_tokens} new tokens | "
           f"copy bandwidth {bandwidth:.1f} GB/s")
-    rows = [run_ours(model, prompts, args, dev)]
+    runners = [lambda: run_ours(model, prompts, args, dev)]
+    if args.compare_shared_prefix:
+        runners.append(lambda: run_ours(model, prompts, args, dev, shared_prefix=False))
     if not args.no_hf:
-        rows.append(run_hf(model, prompts, args, dev))
+        runners.append(lambda: run_hf(model, prompts, args, dev))
+    runs = [[] for _ in runners]
+    for _ in range(args.repeats):  # alternate the implementations so that drifting machine load hits all alike
+        for i, run in enumerate(runners):
+            runs[i].append(run())
+    rows = []
+    for results in runs:
+        row = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]  # the median run
+        row["all_seconds"] = [r["seconds"] for r in results]
+        rows.append(row)
     floor_ms = roofline_ms_per_step(model, args, bandwidth)
     header = f"{'impl':12} {'backend':12} {'seconds':>9} {'out_tok':>8} {'tok_per_s':>10} {'ms_per_step':>12} " \
              f"{'roofline_ms':>12} {'peak_mb':>9}"
@@ -130,9 +159,12 @@ def main() -> None:
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
         print(f"{r['impl']:12} {r['backend']:12} {r['seconds']:9.2f} {r['output_tokens']:8d} "
               f"{r['tokens_per_s']:10.1f} {r['ms_per_step']:12.2f} {floor_ms:12.3f} {peak:>9}")
-    if len(rows) == 2:
-        print(f"ours / HF generate: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x output tokens/s "
-              f"(target on GPU: >= 5x at 64 x 8)")
+    by_impl = {r["impl"]: r for r in rows}
+    if "hf_generate" in by_impl:
+        print(f"ours / HF generate: {by_impl['ours']['tokens_per_s'] / by_impl['hf_generate']['tokens_per_s']:.2f}x "
+              f"output tokens/s (targets: >= 1.2x on the CPU qwen2-cpu shape, >= 5x on a GPU at 64 x 8)")
+    if "ours_noshare" in by_impl:
+        print(f"shared prefix on / off: {by_impl['ours']['tokens_per_s'] / by_impl['ours_noshare']['tokens_per_s']:.2f}x")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
         f"generate_{info['device'].replace(' ', '-')}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from engine.generation.attention import AttentionMetadata, get_attention_backend
+from engine.generation.attention.metadata import PrefixGroups
 from engine.generation.block_manager import BlockManager
 from engine.generation.kv_cache import KVCache, default_budget, num_blocks_for_budget
 from engine.generation.outputs import CompletionOutput, RequestOutput
@@ -53,6 +54,9 @@ class Generator:
         block_size: tokens per KV block (default 16; flash-attn needs a multiple of 256).
         attention_backend: ``"torch"``, ``"triton"``, ``"flash_attn"`` or None/``"auto"`` (best available).
         max_num_batched_tokens: most prompt tokens in one prefill step (default 8192 or ``max_model_len``).
+        shared_prefix: decode attention reads each prompt's shared KV blocks once for all its samples (cascade
+            attention) where the backend supports it (the torch backend on the CPU); False reads them once per
+            sample. The results agree to rounding.
 
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.
@@ -60,7 +64,7 @@ class Generator:
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, attention_backend: str | None = None,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, shared_prefix: bool = True):
         self.model = LlamaFamilyModel(model)
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
@@ -76,6 +80,7 @@ class Generator:
                                              head_dim=self.model.head_dim, dtype=self.model.dtype)
         self.backend.validate(block_size=block_size, head_dim=self.model.head_dim, dtype=self.model.dtype,
                               device=self.model.device)
+        self.shared_prefix = shared_prefix and getattr(self.backend, "supports_prefix_groups", False)
         self.kv_cache_memory = kv_cache_memory
         self.kv_cache: KVCache | None = None
         self.scheduler: Scheduler | None = None
@@ -181,8 +186,11 @@ class Generator:
             L = len(seq.token_ids)
             ids.extend(seq.token_ids[L - q:])
             pos.extend(range(L - q, L))
-        meta = AttentionMetadata.build([blocks.block_table(s.seq_id) for s in seqs], [len(s) for s in seqs],
-                                       query_lens, self.block_size, dev)
+        tables = [blocks.block_table(s.seq_id) for s in seqs]
+        meta = AttentionMetadata.build(tables, [len(s) for s in seqs], query_lens, self.block_size, dev)
+        if self.shared_prefix and meta.is_decode:  # the samples of a prompt share its full prompt blocks
+            meta.prefix_groups = PrefixGroups.build([s.request_id for s in seqs], tables,
+                                                    [s.prompt_len // self.block_size for s in seqs], dev)
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev),
                                     self.kv_cache.as_list(), meta, self.backend)

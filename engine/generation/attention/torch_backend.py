@@ -1,8 +1,14 @@
-"""The portable backend: PyTorch's ``scaled_dot_product_attention`` over K/V gathered from the paged cache. Runs on
-any device (the CPU path of the generator, and the reference the faster backends are tested against).
+"""The portable backend: PyTorch's fused attention over K/V gathered from the paged cache. Runs on any device (the
+CPU path of the generator, and the reference the faster backends are tested against).
 
-Decode (one new token per sequence) is batched: the contexts are gathered into a padded ``[S, H_kv, L_max, D]`` and
-masked by length. Prefill loops over the sequences (each is one SDPA call with an explicit bottom-right causal mask;
+Decode (one new token per sequence) is batched: the contexts' blocks are gathered with one ``index_select`` per
+cache into a buffer reused from step to step (no fresh multi-MB allocation, no advanced-indexing slow path), and
+attended with a length mask. When the step's metadata carries ``prefix_groups`` (the samples of a prompt sharing its
+prompt blocks) the shared prefix is gathered and attended ONCE per group, its ``G x H/H_kv`` query rows against it in
+one call, each sample's own suffix separately, and the two partial results merged by their log-sum-exp (cascade
+attention: Hydragen, Juravsky et al. 2024; FlashInfer): the prompt's K/V is read once instead of G times.
+
+Prefill loops over the sequences (each is one SDPA call with an explicit bottom-right causal mask;
 ``is_causal=True`` would align the mask top-left, wrong whenever cached tokens precede the new ones).
 """
 
@@ -12,7 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.generation.attention.base import AttentionBackend, write_kv
-from engine.generation.attention.metadata import AttentionMetadata
+from engine.generation.attention.metadata import AttentionMetadata, PrefixGroups
+
+# PyTorch's CPU flash-attention kernel, which also returns the log-sum-exp the cascade merge needs (the public SDPA
+# does not); absent on other builds, where decode falls back to grouped_sdpa without the shared-prefix path.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -43,6 +53,7 @@ class TorchAttention(AttentionBackend):
     """SDPA over gathered paged K/V; see the module docstring."""
 
     name = "torch"
+    supports_prefix_groups = True  # decode reads AttentionMetadata.prefix_groups (on the CPU)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -61,8 +72,91 @@ class TorchAttention(AttentionBackend):
             start += q_len
         return out
 
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _gather(self, name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``cache [num_blocks, block_size, H_kv, D]`` rows ``blocks [...]`` (int64) -> ``[*blocks.shape, block_size,
+        H_kv, D]``, written into a buffer kept under ``name`` and grown when too small (one copy, no allocation once
+        warm). The result is valid until the next call with the same ``name``."""
+        n = blocks.numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:] or buf.dtype != cache.dtype \
+                or buf.device != cache.device:
+            buf = self._buffers[name] = torch.empty((max(n, 1),) + tuple(cache.shape[1:]), dtype=cache.dtype,
+                                                    device=cache.device)
+        out = buf[:n]
+        torch.index_select(cache, 0, blocks.reshape(-1), out=out)
+        return out.view(*blocks.shape, *cache.shape[1:])
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        if _FLASH_CPU is None or q.device.type != "cpu":
+            return self._decode_sdpa(q, k_cache, v_cache, meta, scale)
+        groups = meta.prefix_groups
+        prefix_blocks = groups.seq_prefix_blocks if groups is not None else None
+        o_s, lse_s = self._attend_contexts(q, k_cache, v_cache, meta, scale, prefix_blocks)
+        if groups is None:
+            return o_s.to(q.dtype).reshape(q.shape)
+        o_p, lse_p = self._attend_prefixes(q, k_cache, v_cache, groups, meta.block_size, scale)
+        # merge the two partial softmaxes by their log-sum-exp; rows outside a group have lse_p = -inf (weight 0)
+        m = torch.maximum(lse_p, lse_s)
+        w_p, w_s = (lse_p - m).exp(), (lse_s - m).exp()
+        o = (o_p * w_p[..., None] + o_s * w_s[..., None]) / (w_p + w_s)[..., None]
+        return o.to(q.dtype).reshape(q.shape)
+
+    def _attend_contexts(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, skip_blocks):
+        """Each sequence's query against its cached context from block ``skip_blocks[s]`` on (all of it when None):
+        ``(o [S, H_kv, r, D], lse [S, H_kv, r])`` in float32 (float64 for float64 inputs), ``r = H / H_kv`` query
+        heads per K/V head."""
+        S, H, D = q.shape
+        H_kv, bs = k_cache.shape[2], meta.block_size
+        if skip_blocks is None:
+            lens, n_blocks = meta.context_lens.long(), -(-meta.max_context_len // bs)
+            table = meta.block_tables[:, :n_blocks].long()
+        else:  # each context from its first unshared block on
+            lens = meta.context_lens.long() - skip_blocks * bs
+            n_blocks = -(-int(lens.max()) // bs)  # the CPU: reading it back costs nothing
+            index = (skip_blocks[:, None] + torch.arange(n_blocks, device=q.device)[None, :])
+            table = meta.block_tables.long().gather(1, index.clamp(max=meta.block_tables.shape[1] - 1))
+        k = self._gather("k", k_cache, table).view(S, n_blocks * bs, H_kv, D).transpose(1, 2).to(q.dtype)
+        v = self._gather("v", v_cache, table).view(S, n_blocks * bs, H_kv, D).transpose(1, 2).to(q.dtype)
+        keep = torch.arange(n_blocks * bs, device=q.device)[None, :] < lens[:, None]
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        o, lse = _FLASH_CPU(q.view(S, H_kv, H // H_kv, D), k, v, 0.0, False, attn_mask=mask[:, None, None, :],
+                            scale=scale)
+        acc = torch.promote_types(q.dtype, torch.float32)  # merge precision: float32, or float64 inputs' own
+        return o.to(acc), lse.to(acc)
+
+    def _attend_prefixes(self, q, k_cache, v_cache, groups: PrefixGroups, block_size: int, scale):
+        """Each group's shared prefix, gathered once, against the queries of all its members: ``(o [S, H_kv, r, D],
+        lse [S, H_kv, r])`` (float32, or float64 for float64 inputs), ``lse = -inf`` and ``o = 0`` for rows in no
+        group."""
+        S, H, D = q.shape
+        H_kv = k_cache.shape[2]
+        r = H // H_kv
+        P, G = groups.rows.shape
+        B_p = groups.blocks.shape[1]
+        k = self._gather("prefix_k", k_cache, groups.blocks).view(P, B_p * block_size, H_kv, D).transpose(1, 2)
+        v = self._gather("prefix_v", v_cache, groups.blocks).view(P, B_p * block_size, H_kv, D).transpose(1, 2)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache in another dtype than the queries (no copy when equal)
+        # the G members x r heads of a K/V head are query rows of one call: [P, H_kv, G * r, D]
+        qg = q[groups.rows.reshape(-1)].view(P, G, H_kv, r, D).permute(0, 2, 1, 3, 4).reshape(P, H_kv, G * r, D)
+        keep = torch.arange(B_p * block_size, device=q.device)[None, :] < (groups.num_blocks * block_size)[:, None]
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        o, lse = _FLASH_CPU(qg.contiguous(), k, v, 0.0, False, attn_mask=mask[:, None, None, :], scale=scale)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        o = o.to(acc).view(P, H_kv, G, r, D).permute(0, 2, 1, 3, 4)  # [P, G, H_kv, r, D]
+        lse = lse.to(acc).view(P, H_kv, G, r).permute(0, 2, 1, 3)
+        out_o = torch.zeros((S, H_kv, r, D), dtype=acc, device=q.device)
+        out_lse = torch.full((S, H_kv, r), float("-inf"), dtype=acc, device=q.device)
+        rows = groups.rows[groups.valid]
+        out_o[rows] = o[groups.valid]
+        out_lse[rows] = lse[groups.valid]
+        return out_o, out_lse
+
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale):
+    def _decode_sdpa(q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        """Decode through the public SDPA over advanced-indexed contexts (builds without the CPU flash op, CUDA)."""
         S, _, D = q.shape
         H_kv = k_cache.shape[2]
         L = meta.max_context_len

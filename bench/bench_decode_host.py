@@ -5,9 +5,9 @@ Python/launch work the engine adds around the forward (issue 10's target: <= 1 m
     python bench/bench_decode_host.py                 # 512 sequences (64 prompts x 8), 64-token prompts
     python bench/bench_decode_host.py --seqs 128 --steps 50
 
-The vocabulary is kept small (256) so that the sampler's arithmetic on the ``[S, V]`` logits stays a minor part;
-the stub's logits are constant, so every step samples from the same distribution. Prints the median ms per decode
-step and writes JSON under bench/results/.
+The vocabulary is kept small (256) and the stub's logits are constant. The draw itself (``sampler.sample``: on the
+CPU an integer hash over the ``[S, V]`` logits, arithmetic rather than bookkeeping; one fused kernel on CUDA) is
+timed apart, and the bookkeeping is the step minus the draw. Prints medians and writes JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import engine.generation.generator as generator_module  # noqa: E402
 from engine.generation.generator import Generator  # noqa: E402
 from engine.generation.sampling_params import SamplingParams  # noqa: E402
 from engine.models.tiny import tiny_model  # noqa: E402
@@ -65,23 +66,35 @@ def main() -> None:
         gen.add_request(prompt, params)
     while len(gen.scheduler.running) < args.seqs:  # prefill every prompt
         gen.step()
+    real_sample, draw = generator_module.sample, []
+
+    def timed_sample(*a, **k):
+        t0 = time.perf_counter()
+        out = real_sample(*a, **k)
+        draw.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    generator_module.sample = timed_sample
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         gen.step()
         times.append((time.perf_counter() - t0) * 1e3)
+    generator_module.sample = real_sample
+    bookkeeping = [t - d for t, d in zip(times, draw)]
     running = len(gen.scheduler.running)
     for rid in list(gen._requests):
         gen.abort_request(rid)
-    med = statistics.median(times)
+    med, med_draw, med_book = statistics.median(times), statistics.median(draw), statistics.median(bookkeeping)
     info = _backend.describe()
     print(f"device: {info['device']} | torch {info['torch']} | {running} running sequences, prompt "
-          f"{args.prompt_len}, forward stubbed | decode step host time: median {med:.3f} ms "
-          f"(min {min(times):.3f}, max {max(times):.3f})")
+          f"{args.prompt_len}, forward stubbed | decode step: median {med:.3f} ms = bookkeeping {med_book:.3f} ms "
+          f"+ the draw {med_draw:.3f} ms (step min {min(times):.3f}, max {max(times):.3f})")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
         f"decode_host_{info['device'].replace(' ', '-')}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**info, "args": vars(args), "running": running, "median_ms": med,
+                               "bookkeeping_median_ms": med_book, "draw_median_ms": med_draw,
                                "min_ms": min(times), "max_ms": max(times)}, indent=2))
     print(f"wrote {out}")
 

@@ -141,6 +141,26 @@ class BlockManager:
         table.extend(self._take() for _ in range(need))
         self._lens[seq_id] = new_len
 
+    def append_one_each(self, seq_ids: list[int]) -> list[tuple[int, int]]:
+        """Grow every sequence of ``seq_ids`` by one token (a decode step): the ones whose last block is full take a
+        new block. Returns ``(index in seq_ids, new block id)`` for those. All or nothing: raises
+        ``OutOfBlocksError`` (nothing changed) when the pool is short. One pass over ``seq_ids``, no per-sequence
+        calls: this is on the decode step's host path."""
+        bs, lens, tables = self.block_size, self._lens, self._tables
+        try:
+            full = [i for i, s in enumerate(seq_ids) if lens[s] % bs == 0]
+        except KeyError as err:
+            raise KeyError(f"unknown sequence id {err.args[0]} (never allocated, or already freed)") from None
+        self._check_free(len(full), f"append one token to each of {len(seq_ids)} sequences")
+        grown = []
+        for i in full:
+            block = self._take()
+            tables[seq_ids[i]].append(block)
+            grown.append((i, block))
+        for s in seq_ids:
+            lens[s] += 1
+        return grown
+
     def can_append(self, seq_ids: list[int], n: int = 1) -> bool:
         """Whether the free blocks suffice for every sequence in ``seq_ids`` to grow by ``n`` tokens."""
         if n < 0:

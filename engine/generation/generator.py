@@ -15,10 +15,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from engine.generation.attention import AttentionMetadata, get_attention_backend
-from engine.generation.attention.metadata import PrefixGroups
+from engine.generation.attention.metadata import PREFIX_MIN_SAVING, PrefixGroups
 from engine.generation.block_manager import BlockManager
 from engine.generation.kv_cache import KVCache, default_budget, num_blocks_for_budget
 from engine.generation.outputs import CompletionOutput, RequestOutput
@@ -102,7 +103,9 @@ class Generator:
         self.kv_cache = KVCache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim, m.dtype,
                                 m.device)
         self.scheduler = Scheduler(BlockManager(num_blocks, self.block_size), max_num_seqs=self.max_num_seqs,
-                                   max_num_batched_tokens=self.max_num_batched_tokens)
+                                   max_num_batched_tokens=self.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        self._prefix_cache: tuple[int, PrefixGroups | None] | None = None
 
     def release_kv_cache(self) -> None:
         """Free the KV cache (e.g. before the training phase). Raises ``RuntimeError`` while requests are running."""
@@ -186,11 +189,8 @@ class Generator:
             L = len(seq.token_ids)
             ids.extend(seq.token_ids[L - q:])
             pos.extend(range(L - q, L))
-        tables = [blocks.block_table(s.seq_id) for s in seqs]
-        meta = AttentionMetadata.build(tables, [len(s) for s in seqs], query_lens, self.block_size, dev)
-        if self.shared_prefix and meta.is_decode:  # the samples of a prompt share its full prompt blocks
-            meta.prefix_groups = PrefixGroups.build([s.request_id for s in seqs], tables,
-                                                    [s.prompt_len // self.block_size for s in seqs], dev)
+        meta = AttentionMetadata.build([blocks.block_table(s.seq_id) for s in seqs], [len(s) for s in seqs],
+                                       query_lens, self.block_size, dev)
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev),
                                     self.kv_cache.as_list(), meta, self.backend)
@@ -210,14 +210,42 @@ class Generator:
                     family.append(sibling)
             for member in family:
                 member.status = SequenceStatus.RUNNING
-                self.scheduler.running.append(member)
                 rows.append(i)
                 samples.append(member)
         self._sample_and_append(logits[torch.tensor(rows, device=logits.device)], samples)
+        for member in samples:  # the ones its first token did not finish decode from the next step on
+            if member.status is SequenceStatus.RUNNING:
+                self.scheduler.start(member)
 
     def _decode(self, batch: DecodeBatch) -> None:
-        logits = self._forward(batch.seqs, [1] * len(batch.seqs))
-        self._sample_and_append(logits, batch.seqs)
+        """One decode step of every running sequence, from the persistent rows of ``batch.batch``: metadata and
+        sampling inputs are slices of its arrays, the sampled tokens and log-probs come back in one copy, and the
+        stop checks are vectorised (``RunningBatch``)."""
+        rows = batch.batch
+        dev = self.model.device
+        input_ids, positions, meta = rows.decode_inputs(dev)
+        if self.shared_prefix:
+            meta.prefix_groups = self._prefix_groups(rows)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache.as_list(), meta, self.backend)
+        tokens, logprobs = sample(self.model.compute_logits(hidden), **rows.sampling_inputs(dev))
+        host = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu().numpy()  # one copy
+        for seq, reason in rows.advance(host[0].astype(np.int64), host[1]):
+            self.scheduler.finish(seq, reason)
+
+    def _prefix_groups(self, rows) -> PrefixGroups | None:
+        """The shared-prefix groups of the running rows, rebuilt only when the rows changed (the groups' shared blocks
+        never change while they run), used only while they save at least half of the step's block reads."""
+        if self._prefix_cache is None or self._prefix_cache[0] != rows.version:
+            n = rows.size
+            tables = [rows.block_tables[r, :rows.num_blocks[r]].tolist() for r in range(n)]
+            groups = PrefixGroups.build([s.request_id for s in rows.seqs], tables,
+                                        [s.prompt_len // self.block_size for s in rows.seqs], self.model.device,
+                                        min_saving=0.0)
+            self._prefix_cache = (rows.version, groups)
+        groups = self._prefix_cache[1]
+        if groups is None or groups.saved_blocks < PREFIX_MIN_SAVING * int(rows.num_blocks[:rows.size].sum()):
+            return None
+        return groups
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         dev = logits.device

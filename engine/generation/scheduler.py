@@ -6,6 +6,9 @@ A new request's prompt is prefilled ONCE, for its first sample; its other sample
 (``BlockManager.fork``: full blocks shared, the partial block copied). When the KV pool cannot hold one more token for
 every running sequence, the most recently admitted sequence is preempted: its blocks are freed and it waits to be
 prefilled again from its prompt + output (recompute, as vLLM and nano-vllm do).
+
+The running sequences' decode inputs live in a ``RunningBatch`` (persistent rows, updated by what changed): a decode
+step costs the host O(changes) numpy/Python work, plus one tight loop over the running sequences' block counts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.generation.block_manager import BlockManager
+from engine.generation.running_batch import RunningBatch
 from engine.generation.sequence import Request, Sequence, SequenceStatus
 
 
@@ -28,20 +32,28 @@ class PrefillBatch:
 
 @dataclass
 class DecodeBatch:
-    """Running sequences; each feeds its last sampled token."""
+    """Every running sequence feeds its last sampled token; their inputs are the rows of ``batch`` (each has the KV
+    block its token goes to)."""
 
-    seqs: list[Sequence]
+    batch: RunningBatch
 
 
 class Scheduler:
-    """Waiting queue (new requests and preempted sequences) and the running set, over one ``BlockManager``."""
+    """Waiting queue (new requests and preempted sequences) and the running set, over one ``BlockManager``.
 
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    ``running`` maps seq id -> sequence in the order they started running (the last one is preempted first);
+    ``batch`` holds their decode inputs (``RunningBatch``). ``max_model_len`` and ``eos_token_ids`` are the
+    generator's (they decide when a decode ends a sequence)."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: set[int] = frozenset()):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request | Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}
+        self.batch = RunningBatch(max_num_seqs, block_manager.blocks_needed(max_model_len), block_manager.block_size,
+                                  max_model_len, set(eos_token_ids))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -73,11 +85,18 @@ class Scheduler:
                     "kv_cache_memory or lower max_model_len / SamplingParams.n"
                 )
             return None
-        while not self.blocks.can_append([s.seq_id for s in self.running]):
-            self._preempt(self.running.pop())
-        for seq in self.running:
-            self.blocks.append_tokens(seq.seq_id, 1)
-        return DecodeBatch(list(self.running))
+        while self.batch.num_needing_block() > self.blocks.num_free_blocks:
+            self._preempt(self.running.popitem()[1])  # the most recently started
+        if not self.running:
+            return None  # everything was preempted: the next step prefills again
+        self.batch.add_blocks(self.blocks.append_one_each(self.batch.seq_ids))
+        return DecodeBatch(self.batch)
+
+    def start(self, seq: Sequence) -> None:
+        """``seq`` (prefilled or forked, its first token sampled) runs from the next decode step on."""
+        seq.status = SequenceStatus.RUNNING
+        self.running[seq.seq_id] = seq
+        self.batch.add(seq, self.blocks.block_table(seq.seq_id))
 
     def _schedule_prefill(self) -> PrefillBatch | None:
         seqs: list[Sequence] = []
@@ -101,6 +120,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
+        self.batch.remove(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -109,8 +129,8 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq.seq_id)
-        if seq in self.running:
-            self.running.remove(seq)
+        if self.running.pop(seq.seq_id, None) is not None:
+            self.batch.remove(seq)
 
     def abort(self, request: Request) -> None:
         """Finish every unfinished sample of ``request`` with reason "abort", freeing whatever blocks they hold."""
@@ -121,7 +141,7 @@ class Scheduler:
                 continue
             if seq in self.waiting:
                 self.waiting.remove(seq)
-            if seq in self.running:
+            if seq.seq_id in self.running:
                 self.finish(seq, "abort")
             else:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"

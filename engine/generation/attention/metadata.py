@@ -18,6 +18,11 @@ from dataclasses import dataclass
 import torch
 
 
+PREFIX_MIN_SAVING = 0.5
+"""Cascade decode is used when reading each shared prefix once saves at least this share of a step's block reads
+(``PrefixGroups.build``, measured there)."""
+
+
 @dataclass
 class PrefixGroups:
     """Decode sequences that share leading KV blocks (the ``n`` samples of a prompt share its full prompt blocks:
@@ -37,10 +42,12 @@ class PrefixGroups:
     seq_prefix_blocks: torch.Tensor
     """``[S]`` int64: per decode row, the blocks of its group's shared prefix (0 outside a group): its own context
     starts there."""
+    saved_blocks: int = 0
+    """Block reads a step saves by reading each prefix once: ``sum over groups of (members - 1) x prefix blocks``."""
 
     @classmethod
     def build(cls, keys: list, block_tables: list[list[int]], shareable_blocks: list[int],
-              device: torch.device, *, min_saving: float = 0.5) -> PrefixGroups | None:
+              device: torch.device, *, min_saving: float = PREFIX_MIN_SAVING) -> PrefixGroups | None:
         """Group decode rows by ``keys[s]`` (e.g. the request id) and find how many leading blocks all members of a
         group share: at most ``shareable_blocks[s]`` (the full prompt blocks) and only where every member's table
         starts with the same block ids (a member re-prefilled after preemption has its own blocks: it leaves the
@@ -76,7 +83,7 @@ class PrefixGroups:
                    valid=torch.tensor(valid, dtype=torch.bool, device=device),
                    blocks=torch.tensor(blocks, dtype=torch.int64, device=device),
                    num_blocks=torch.tensor([len(h) for _, h in groups], dtype=torch.int64, device=device),
-                   seq_prefix_blocks=torch.tensor(seq_prefix, dtype=torch.int64, device=device))
+                   seq_prefix_blocks=torch.tensor(seq_prefix, dtype=torch.int64, device=device), saved_blocks=saved)
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""The persistent decode rows (``RunningBatch``) against the per-step rebuild they replace: the decode metadata equals
+``AttentionMetadata.build`` from the block manager's tables step after step while sequences start, finish, get
+preempted and aborted; stop checks are those of v1; ``BlockManager.append_one_each`` equals one ``append_tokens`` per
+sequence; and a request samples the same tokens alone as in a crowded, preempting, aborting batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.generation import Generator, SamplingParams
+from engine.generation.attention import AttentionMetadata
+from engine.generation.block_manager import BlockManager, OutOfBlocksError
+from engine.generation.kv_cache import bytes_per_block
+from engine.generation.running_batch import RunningBatch
+from engine.generation.scheduler import Scheduler
+from engine.generation.sequence import Sequence
+from engine.models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_append_one_each_equals_append_tokens_and_is_all_or_nothing():
+    a, b = BlockManager(12, 4), BlockManager(12, 4)
+    for bm in (a, b):
+        for sid, n in ((0, 4), (1, 6), (2, 8), (3, 1)):
+            bm.allocate(sid, n)
+    grown = a.append_one_each([0, 1, 2, 3])
+    for sid in (0, 1, 2, 3):
+        b.append_tokens(sid, 1)
+    assert [(i, blk) for i, blk in grown] == [(0, a.block_table(0)[-1]), (2, a.block_table(2)[-1])]
+    assert all(a.block_table(s) == b.block_table(s) and a.num_tokens(s) == b.num_tokens(s) for s in range(4))
+    short = BlockManager(3, 4)
+    short.allocate(0, 4)
+    short.allocate(1, 4)
+    short.allocate(2, 3)
+    with pytest.raises(OutOfBlocksError):
+        short.append_one_each([0, 1, 2])  # two full blocks want a new one; none is free
+    assert [short.num_tokens(s) for s in range(3)] == [4, 4, 3]
+
+
+def make_seq(sid, prompt_len, *, max_tokens=5, ignore_eos=False, stop=None, rid=0):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop)
+    seq = Sequence(sid, rid, 0, list(range(1, prompt_len + 1)), prompt_len, seed=sid, params=params)
+    seq.token_ids.append(7)  # its first sampled token
+    return seq
+
+
+def test_decode_metadata_equals_the_per_step_rebuild_as_rows_come_and_go():
+    bm, bs = BlockManager(64, 4), 4
+    batch = RunningBatch(8, 16, bs, max_model_len=60, eos_token_ids={0})
+    seqs = {}
+    rng = np.random.default_rng(0)
+
+    def start(sid, prompt_len):
+        seq = make_seq(sid, prompt_len, max_tokens=100)
+        bm.allocate(sid, prompt_len)
+        batch.add(seq, bm.block_table(sid))
+        seqs[sid] = seq
+
+    for sid, L in enumerate((3, 4, 9, 1, 12)):
+        start(sid, L)
+    for step in range(14):
+        if step in (3, 8):  # a sequence leaves from the middle (finish / preempt) and a new one starts
+            gone = batch.seqs[1]
+            batch.remove(gone)
+            bm.free(gone.seq_id)
+            start(100 + step, 5 + step % 3)
+        batch.add_blocks(bm.append_one_each(batch.seq_ids))
+        ids, pos, meta = batch.decode_inputs(torch.device("cpu"))
+        want = AttentionMetadata.build([bm.block_table(s.seq_id) for s in batch.seqs], [len(s) for s in batch.seqs],
+                                       [1] * batch.size, bs, torch.device("cpu"))
+        assert torch.equal(meta.slot_mapping, want.slot_mapping)
+        assert torch.equal(meta.block_tables, want.block_tables)
+        assert torch.equal(meta.context_lens, want.context_lens) and meta.context_lens_list == want.context_lens_list
+        assert ids.tolist() == [s.token_ids[-1] for s in batch.seqs]
+        assert pos.tolist() == [len(s) - 1 for s in batch.seqs]
+        tokens = rng.integers(1, 50, batch.size)  # never EOS (0)
+        assert batch.advance(tokens, np.zeros(batch.size)) == []
+
+
+def test_stop_checks_are_v1s():
+    batch = RunningBatch(8, 8, 4, max_model_len=12, eos_token_ids={0, 9})
+    eos = make_seq(0, 3)
+    ignore = make_seq(1, 3, ignore_eos=True)
+    own = make_seq(2, 3, stop=[42])
+    short = make_seq(3, 3, max_tokens=2)  # one token generated already: the next is its last
+    long_ = make_seq(4, 10, max_tokens=50)  # 11 tokens: the next reaches max_model_len
+    for s in (eos, ignore, own, short, long_):
+        batch.add(s, [0, 1, 2])
+    done = batch.advance(np.array([9, 0, 42, 5, 5]), np.array([-0.5, -1.0, -1.5, -2.0, -2.5]))
+    assert {(s.seq_id, r) for s, r in done} == {(0, "stop"), (2, "stop"), (3, "length"), (4, "length")}
+    assert ignore.token_ids[-1] == 0 and ignore.logprobs == [-1.0] and batch.size == 5
+
+
+def test_a_request_samples_the_same_alone_and_in_a_crowded_batch(monkeypatch):
+    model = tiny_model("qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=64)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 13, 8, 21, 3, 9)]
+    params = [SamplingParams(n=n, temperature=1.0, max_tokens=m, seed=10 + i, stop_token_ids=stop)
+              for i, (n, m, stop) in enumerate([(3, 12, None), (2, 4, None), (4, 15, [5]), (1, 9, None),
+                                                (2, 15, None), (3, 6, None)])]
+    alone = [Generator(model, block_size=4, attention_backend="torch").generate([p], [sp])[0]
+             for p, sp in zip(prompts, params)]
+    # a pool of 14 blocks of 4 tokens for up to 6 sequences at once: waiting, finishing mid-batch, preemption
+    preempted = []
+    real = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), real(self, seq)))
+    per_block = bytes_per_block(2, 4, 2, 8, torch.float32)  # 2 layers, block 4, 2 K/V heads of 8
+    crowded = Generator(model, block_size=4, attention_backend="torch", max_num_seqs=6, max_model_len=40,
+                        kv_cache_memory=14 * per_block)
+    assert crowded._ensure_cache() is None and crowded.block_manager.num_blocks == 14
+    extra = crowded.add_request(prompts[0], SamplingParams(n=2, max_tokens=30, seed=99))  # aborted midway
+    ids = [crowded.add_request(p, sp) for p, sp in zip(prompts, params)]
+    results, steps = {}, 0
+    while crowded.has_unfinished_requests():
+        for out in crowded.step():
+            results[out.request_id] = out
+        steps += 1
+        if steps == 5:
+            crowded.abort_request(extra)
+    assert crowded.block_manager.num_free_blocks == crowded.block_manager.num_blocks
+    assert preempted  # the pool ran dry at least once
+    for rid, want in zip(ids, alone):
+        got = results[rid]
+        for a, b in zip(sorted(got.outputs, key=lambda c: c.index), sorted(want.outputs, key=lambda c: c.index)):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -72,6 +72,7 @@ TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, 32-thread warps
 DEVICE_FUNCTIONS = {
     "_math._log1p", "_math._logsigmoid", "_math._sigmoid",
     "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean", "sampling._fmix32",
+    "rope_cache._rope_pair",
 }
 
 
@@ -439,8 +440,112 @@ def sampling_variants(V) -> list[Variant]:
     return rows
 
 
+def rms_norm_variants(V) -> list[Variant]:
+    """The generator's norms with the tiles ``kernels.rms_norm.tiles`` picks: hidden-state rows (2-D input: ``K = 1``,
+    a constexpr at launch), Qwen3's per-head rows (``K = H``), one row (``M = 1``), the training forward that saves
+    ``rstd``, a float32 weight on bf16 rows (float32 output), the widest rows, and int64 strides."""
+    rn = V.rms_norm
+    rows = []
+    # (C, M, K, x dtype, weight dtype, HAS_RESIDUAL, HAS_RSTD, row strides)
+    cases = [
+        (896, 256, 1, "bf16", "bf16", True, False, "i32"),  # Qwen2.5-0.5B decode, add + norm
+        (896, 256, 1, "bf16", "bf16", False, False, "i32"),
+        (4096, 1, 1, "fp16", "fp16", True, False, "i32"),  # one row
+        (128, 4096, 16, "bf16", "bf16", False, False, "i32"),  # Qwen3 q norm over [N, 16, 128] heads
+        (704, 300, 1, "bf16", "fp32", True, False, "i32"),  # promoted output
+        (2048, 8192, 1, "fp32", "fp32", False, True, "i64"),  # training forward, int64 row stride
+        (16384, 64, 1, "bf16", "bf16", True, False, "i32"),
+        (65536, 4, 1, "fp32", "fp32", False, False, "i32"),  # MAX_COLUMNS
+        (1, 7, 1, "fp16", "fp16", True, False, "i32"),  # C == 1: a constexpr too
+    ]
+    for C, M, K, x_dt, w_dt, has_res, has_rstd, strides in cases:
+        block_r, block_c, num_warps = rn.tiles(C, M)
+        y_dt = "fp32" if "fp32" in (x_dt, w_dt) else x_dt
+        sig = {"Y": p(y_dt), "RES_OUT": p(x_dt if has_res else y_dt), "RSTD": "*fp32" if has_rstd else p(y_dt),
+               "X": p(x_dt), "RES": p(x_dt), "W": p(w_dt), "eps": "fp32"}
+        if C > 1:
+            sig.update(stride_x0=strides, stride_r0=strides)
+        const = {"HAS_RESIDUAL": has_res, "HAS_RSTD": has_rstd, "BLOCK_R": block_r, "BLOCK_C": block_c}
+        for arg, val in (("M", M), ("C", C), ("K", K)):
+            (const if val == 1 else sig)[arg] = 1 if val == 1 else "i32"
+        # K = 1: x3 is x[:, None, :], whose unit dim has stride C; with C = 1 the row stride is 1 too
+        for arg in ("stride_x1", "stride_r1") + (("stride_x0", "stride_r0") if C == 1 else ()):
+            (const if C == 1 else sig)[arg] = 1 if C == 1 else "i32"
+        rows.append(Variant("rms_norm._rms_norm_fwd_kernel",
+                            f"C={C} M={M} K={K} x={x_dt} w={w_dt} residual={has_res} rstd={has_rstd} "
+                            f"strides={strides} BLOCK_R={block_r} BLOCK_C={block_c}", sig, const, num_warps=num_warps))
+    for C, M, K, x_dt, w_dt in [(2048, 8192, 1, "bf16", "bf16"), (128, 512, 8, "fp32", "fp32"),
+                                (896, 300, 1, "fp16", "fp32"), (16384, 64, 1, "bf16", "bf16")]:
+        block_r, block_c, num_warps = rn.tiles(C, M)
+        sig = {"DX": p(x_dt), "DW_PART": "*fp32", "DY": p("fp32" if w_dt == "fp32" else x_dt), "X": p(x_dt),
+               "W": p(w_dt), "RSTD": "*fp32", "M": "i32", "C": "i32", "rows_per_program": "i32",
+               "stride_x0": "i32", "stride_x1": "i32"}
+        const = {"BLOCK_R": block_r, "BLOCK_C": block_c}
+        (const if K == 1 else sig)["K"] = 1 if K == 1 else "i32"
+        rows.append(Variant("rms_norm._rms_norm_bwd_kernel", f"C={C} M={M} K={K} x={x_dt} w={w_dt} "
+                            f"BLOCK_R={block_r} BLOCK_C={block_c}", sig, const, num_warps=num_warps))
+    return rows
+
+
+def silu_mul_variants(V) -> list[Variant]:
+    """SwiGLU: separate gate/up outputs (row stride I) and the halves of a fused [N, 2I] projection (stride 2I),
+    each dtype, a one-column tile (I = 1, a constexpr)."""
+    sm = V.silu_mul
+    rows = []
+    for I, dt, fused in [(4864, "bf16", False), (8192, "fp16", True), (37, "fp32", False), (1, "bf16", False)]:
+        block = min(sm._BLOCK, V.triton.next_power_of_2(I))
+        for kernel, outs in (("_silu_and_mul_fwd_kernel", ("Y",)), ("_silu_and_mul_bwd_kernel", ("DGATE", "DUP"))):
+            sig = {name: p(dt) for name in outs} | {"GATE": p(dt), "UP": p(dt)}
+            if kernel.endswith("bwd_kernel"):
+                sig["DY"] = p(dt)
+            const = {"BLOCK": block}
+            if I == 1:  # and both row strides are 1 too
+                const.update(I=1, stride_g=1, stride_u=1)
+            else:
+                sig.update(I="i32", stride_g="i32", stride_u="i32")
+            rows.append(Variant(f"silu_mul.{kernel}", f"I={I} {dt} fused_halves={fused} BLOCK={block}", sig, const))
+    return rows
+
+
+def rope_cache_variants(V) -> list[Variant]:
+    """RoPE + paged-cache write with the tiles ``kernels.rope_cache.tiles`` picks, for common checkpoints' heads:
+    Qwen2.5-0.5B (14 / 2, D 64), Llama-3-8B (32 / 8, D 128), MQA (H_kv = 1, a constexpr) with one-token blocks
+    (block_size = 1, a constexpr), a float32 cache under a bf16 model with D 80 (pairs padded to 64), strided q/k/v
+    views of a fused qkv output, and int64 cache strides."""
+    rc = V.rope_cache
+    rows = []
+    # (H, H_kv, D, block_size, model dtype, cache dtype, contiguous q/k/v, cache strides)
+    cases = [(14, 2, 64, 16, "bf16", "bf16", True, "i32"), (32, 8, 128, 16, "fp16", "fp16", True, "i32"),
+             (16, 1, 128, 1, "fp32", "fp32", True, "i32"), (20, 4, 80, 32, "bf16", "fp32", True, "i32"),
+             (16, 2, 128, 256, "bf16", "bf16", False, "i64")]
+    for H, H_kv, D, bs, dt, c_dt, contiguous, c_strides in cases:
+        block_hq, block_hkv, block_half = rc.tiles(H, H_kv, D, interpret=False)
+        sig = {"Q": p(dt), "K": p(dt), "V": p(dt), "COS": p(dt), "SIN": p(dt), "K_CACHE": p(c_dt),
+               "V_CACHE": p(c_dt), "SLOTS": "*i64", "H": "i32", "HALF": "i32"}
+        const = {"BLOCK_HQ": block_hq, "BLOCK_HKV": block_hkv, "BLOCK_HALF": block_half}
+        for arg, val in (("H_kv", H_kv), ("block_size", bs)):
+            (const if val == 1 else sig)[arg] = 1 if val == 1 else "i32"
+        for t in ("q", "k", "v"):
+            sig[f"stride_{t}n"] = sig[f"stride_{t}h"] = "i32"
+            const[f"stride_{t}d"] = 1
+        for t in ("c", "s"):
+            sig[f"stride_{t}n"] = "i32"
+            const[f"stride_{t}d"] = 1
+        for t in ("kc", "vc"):
+            sig[f"stride_{t}b"] = c_strides
+            sig[f"stride_{t}t"] = sig[f"stride_{t}h"] = "i32"
+            const[f"stride_{t}d"] = 1
+        rows.append(Variant("rope_cache._rope_and_cache_kernel",
+                            f"H={H} H_kv={H_kv} D={D} block={bs} {dt} cache={c_dt} "
+                            f"{'contig' if contiguous else 'qkv views'} cache strides={c_strides} "
+                            f"BLOCK_HQ={block_hq} BLOCK_HKV={block_hkv}", sig, const,
+                            options={"enable_fp_fusion": False}))  # as the launcher: eager's roundings, no FMA
+    return rows
+
+
 BUILDERS = (kl_variants, logprobs_variants, loss_agg_variants, ppo_variants, value_variants, gae_variants,
-            advantages_variants, dpo_variants, reward_variants, attention_variants, sampling_variants)
+            advantages_variants, dpo_variants, reward_variants, attention_variants, sampling_variants,
+            rms_norm_variants, silu_mul_variants, rope_cache_variants)
 
 
 # ------------------------------------------------------------------------------------------------------- machinery

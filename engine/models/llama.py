@@ -9,6 +9,13 @@ Each operation mirrors HF's modelling code in the same dtypes and order (RMSNorm
 model dtype, RoPE cos/sin computed in float32 from the HF rotary module's ``inv_freq``/``attention_scaling`` then
 rounded to the model dtype), so in float32 the logits agree with ``hf_model(input_ids).logits`` to ~1e-6.
 
+Per layer the elementwise work runs in fused ops of ``kernels`` (Triton on CUDA, their PyTorch references, HF op for
+op, on the CPU): ``fused_add_rms_norm`` (each residual add with the RMSNorm after it; the residual stream stays in the
+model dtype as in HF), ``silu_and_mul`` (the SwiGLU activation, when ``config.hidden_act == "silu"``) and, when the
+attention backend can skip its own K/V write (``accepts_kv_written``), ``rope_and_cache`` (RoPE of q and k plus the
+write of k and v into the paged cache). A layer is then: norm+add, q/k/v linears, (Qwen3 q/k norms), rope+cache,
+attention, o_proj, add+norm, gate/up linears, silu*mul, down_proj.
+
 Dims: ``N`` new tokens in the step, ``S`` sequences, ``H`` query heads, ``H_kv`` K/V heads, ``D`` head dim,
 ``V`` vocabulary.
 """
@@ -22,6 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused_linear_logprobs import _matmul_fp32
+from kernels.rms_norm import fused_add_rms_norm, rms_norm
+from kernels.rope_cache import apply_rope_ref as apply_rope
+from kernels.rope_cache import rope_and_cache
+from kernels.silu_mul import silu_and_mul
 
 if TYPE_CHECKING:  # engine.generation imports this module; no import cycle at run time
     from engine.generation.attention import AttentionBackend, AttentionMetadata
@@ -31,21 +42,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's ``LlamaRMSNorm``: normalise ``x [..., C]`` over its last dim in float32, round to ``x.dtype``, multiply
-    by ``weight [C]``."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [N, heads, D]`` by ``cos, sin [N, D]`` (HF's rotate-half convention: dims ``i`` and ``i + D/2``
-    form a pair)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
 
 
 def _linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
@@ -116,6 +112,7 @@ class LlamaFamilyModel:
         self.max_position_embeddings = config.max_position_embeddings
         self.eps = config.rms_norm_eps
         self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self._silu = getattr(config, "hidden_act", None) == "silu"  # SwiGLU: the fused silu_and_mul applies
 
     @staticmethod
     def supports(hf_model) -> bool:
@@ -149,9 +146,10 @@ class LlamaFamilyModel:
             input_ids: ``[N]`` int64, the new tokens (sequence ``s`` owns rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``).
             positions: ``[N]`` int64, each token's position in its sequence.
             kv_caches: one ``(k_cache, v_cache)`` per layer, each ``[num_blocks, block_size, H_kv, D]``; this step's
-                K/V are written into them in place (by ``backend``).
+                K/V are written into them in place (by ``kernels.rope_cache`` when ``backend.accepts_kv_written``,
+                else by ``backend``).
             meta: the step's ``AttentionMetadata``.
-            backend: the ``AttentionBackend`` that writes K/V and attends.
+            backend: the ``AttentionBackend`` that attends (and writes K/V unless told they are written).
 
         Returns: ``[N, hidden_size]`` hidden states after the final norm, in the model dtype (feed the rows whose
         logits are needed to ``compute_logits``). Builds no autograd graph.
@@ -160,23 +158,34 @@ class LlamaFamilyModel:
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model {self.num_layers} layers")
         N, H, H_kv, D, eps = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        # the backend skips its own K/V write when rope_and_cache has done it (see AttentionBackend.forward)
+        fused_kv = getattr(backend, "accepts_kv_written", False)
+        # each layer's input norm is fused with the residual add that ends the previous layer; the last add with the
+        # final norm
+        norm_weights = [layer.input_layernorm.weight for layer in self._layers] + [self._norm.weight]
         h = F.embedding(input_ids, self._embed.weight)
         cos, sin = self.rope(positions, h.dtype)
-        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
+        x = rms_norm(h, norm_weights[0], eps)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self._layers, kv_caches)):
             attn, mlp = layer.self_attn, layer.mlp
-            x = rms_norm(h, layer.input_layernorm.weight, eps)
             q = _linear(x, attn.q_proj).view(N, H, D)
             k = _linear(x, attn.k_proj).view(N, H_kv, D)
             v = _linear(x, attn.v_proj).view(N, H_kv, D)
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
                 q = rms_norm(q, attn.q_norm.weight, eps)
                 k = rms_norm(k, attn.k_norm.weight, eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-            h = h + _linear(o.reshape(N, H * D), attn.o_proj)
-            x = rms_norm(h, layer.post_attention_layernorm.weight, eps)
-            h = h + _linear(mlp.act_fn(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj)
-        return rms_norm(h, self._norm.weight, eps)
+            if fused_kv:
+                q = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+                o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, kv_written=True)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+            x, h = fused_add_rms_norm(_linear(o.reshape(N, H * D), attn.o_proj), h,
+                                      layer.post_attention_layernorm.weight, eps)
+            gate, up = _linear(x, mlp.gate_proj), _linear(x, mlp.up_proj)
+            act = silu_and_mul(gate, up) if self._silu else mlp.act_fn(gate) * up
+            x, h = fused_add_rms_norm(_linear(act, mlp.down_proj), h, norm_weights[i + 1], eps)
+        return x
 
     __call__ = forward
 

@@ -7,13 +7,15 @@ attention is far from uniform and a wrong RoPE, norm or bias would show in the l
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from engine.generation.attention import AttentionMetadata, TorchAttention
+from engine.generation.attention import AttentionMetadata, TorchAttention, TritonAttention
 from engine.models import LlamaFamilyModel, load_policy, tiny_config, tiny_model, train_bpe_tokenizer
+from kernels._backend import HAS_TRITON
 
 CPU = torch.device("cpu")
 BLOCK = 4
@@ -75,6 +77,7 @@ CASES = {
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3-qknorm-headdim32": ("qwen3", {"head_dim": 32}),  # head_dim != hidden // heads
     "mistral": ("mistral", {}),
+    "llama-gelu-mlp": ("llama", {"hidden_act": "gelu"}),  # not SwiGLU: the eager act_fn(gate) * up path
 }
 
 
@@ -111,6 +114,97 @@ def test_chunked_prefill_after_cached_prefix_matches_hf(device):
     out = step(lm, caches, [[3, 1, 8], [4, 6]], [a[6:], b], [6, 0])
     assert_max_diff(out[0], hf_logits(model, a)[6:], LOGIT_ATOL, "continued chunk")
     assert_max_diff(out[1], hf_logits(model, b), LOGIT_ATOL, "fresh prompt")
+
+
+def eager_forward(lm, input_ids, positions, kv_caches, meta, backend):
+    """The generator's forward as it was before the fused kernels (one eager op per step of HF's modelling code):
+    the CPU path must still produce these bits."""
+
+    def norm(x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + lm.eps)).to(x.dtype)
+
+    def rope(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+    def lin(x, m):
+        return torch.nn.functional.linear(x, m.weight, m.bias)
+
+    N, H, H_kv, D = input_ids.shape[0], lm.num_heads, lm.num_kv_heads, lm.head_dim
+    base = lm.hf_model.model
+    with torch.no_grad():
+        h = torch.nn.functional.embedding(input_ids, base.embed_tokens.weight)
+        cos, sin = lm.rope(positions, h.dtype)
+        for layer, (k_cache, v_cache) in zip(base.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = norm(h, layer.input_layernorm.weight)
+            q, k = lin(x, attn.q_proj).view(N, H, D), lin(x, attn.k_proj).view(N, H_kv, D)
+            v = lin(x, attn.v_proj).view(N, H_kv, D)
+            if hasattr(attn, "q_norm"):
+                q, k = norm(q, attn.q_norm.weight), norm(k, attn.k_norm.weight)
+            o = backend.forward(rope(q, cos, sin), rope(k, cos, sin), v, k_cache, v_cache, meta, lm.scale)
+            h = h + lin(o.reshape(N, H * D), attn.o_proj)
+            x = norm(h, layer.post_attention_layernorm.weight)
+            h = h + lin(mlp.act_fn(lin(x, mlp.gate_proj)) * lin(x, mlp.up_proj), mlp.down_proj)
+        return norm(h, base.norm.weight)
+
+
+def run_steps(lm, backend, forward=None, steps=3):
+    """A packed two-prompt prefill (scattered block tables) then ``steps`` decode steps; returns the hidden states of
+    every step and the caches."""
+    forward = forward or lm.forward
+    dev = lm.device
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, lm.vocab_size, (n,), generator=g).to(dev) for n in (5 + steps, 11 + steps)]
+    tables, prompt = [[5, 2, 12], [0, 7, 3, 9, 14]], [5, 11]
+    caches = alloc_caches(lm)
+    hidden = []
+    for t in range(steps + 1):
+        chunks = [s[:p] for s, p in zip(seqs, prompt)] if t == 0 else [s[p + t - 1:p + t] for s, p in zip(seqs, prompt)]
+        starts = [0, 0] if t == 0 else [p + t - 1 for p in prompt]
+        q_lens = [len(c) for c in chunks]
+        meta = AttentionMetadata.build(tables, [s + q for s, q in zip(starts, q_lens)], q_lens, BLOCK, dev)
+        pos = torch.cat([torch.arange(s, s + q, device=dev) for s, q in zip(starts, q_lens)])
+        hidden.append(forward(torch.cat(chunks), pos, caches, meta, backend))
+    return hidden, caches
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied", "qwen3-qknorm-headdim32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_forward_is_bit_identical_to_the_eager_forward(case, dtype, monkeypatch):
+    """On the CPU the fused ops run their references, which are HF's eager ops: not one bit may change."""
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    arch, kw = CASES[case]
+    lm = LlamaFamilyModel(make_model(arch, **kw).to(dtype))
+    ours, our_caches = run_steps(lm, TorchAttention())
+    eager, eager_caches = run_steps(lm, TorchAttention(), partial(eager_forward, lm))
+    for t, (a, b) in enumerate(zip(ours, eager)):
+        assert torch.equal(a, b), f"step {t}: max diff {(a.float() - b.float()).abs().max():.3g}"
+    for (k, v), (k2, v2) in zip(our_caches, eager_caches):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied", "qwen3-qknorm-headdim32"])
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_triton_kernels_forward_matches_reference(case, attention, device, monkeypatch):
+    """The forward with every kernel forced to Triton (the CPU interpreter here; CUDA on a GPU) against the
+    reference forward, float32: rms_norm / fused_add_rms_norm / silu_and_mul, and rope_and_cache with the triton
+    attention backend (which then skips its own K/V write), GQA and Qwen3's q/k norms included."""
+    arch, kw = CASES[case]
+    lm = LlamaFamilyModel(make_model(arch, **kw).to(device))
+    backend = TorchAttention() if attention == "torch" else TritonAttention(split_size=8)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "torch")
+    ref, ref_caches = run_steps(lm, backend)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "triton")
+    ours, our_caches = run_steps(lm, backend)
+    # float32 hidden states of order 1: only summation order differs (the norms' sum of squares, rsqrt, exp)
+    for t, (a, b) in enumerate(zip(ours, ref)):
+        assert_max_diff(a, b, 2e-5, f"{case} {attention} step {t} hidden")
+    for layer, ((k, v), (k2, v2)) in enumerate(zip(our_caches, ref_caches)):
+        assert_max_diff(k, k2, 2e-5, f"layer {layer} k cache")
+        assert_max_diff(v, v2, 2e-5, f"layer {layer} v cache")
 
 
 def test_bfloat16_error_within_twice_hf_bf16_error():

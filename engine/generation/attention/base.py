@@ -23,6 +23,9 @@ class AttentionBackend(ABC):
     sequence's context (cached + new, causal, aligned bottom-right; see ``metadata``)."""
 
     name: str = "base"
+    accepts_kv_written: bool = False
+    """True when ``forward`` takes ``kv_written=True`` and then leaves the cache write to the caller (the model's
+    fused ``kernels.rope_and_cache``). A backend without it always writes ``k, v`` itself."""
 
     def validate(self, *, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise ``ValueError`` naming the setting this backend cannot run (e.g. flash-attn's block size)."""
@@ -31,4 +34,8 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """``q [N, H, D]``, ``k, v [N, H_kv, D]`` (H a multiple of H_kv: GQA), caches ``[num_blocks, block_size, H_kv,
-        D]`` -> ``[N, H, D]`` in q's dtype. Writes ``k, v`` into the caches in place."""
+        D]`` -> ``[N, H, D]`` in q's dtype. Writes ``k, v`` into the caches in place.
+
+        Backends with ``accepts_kv_written`` take a keyword ``kv_written: bool = False``: when True the caller has
+        already stored this step's ``k, v`` at ``meta.slot_mapping`` (and ``k`` holds the stored values), so the
+        backend skips ``write_kv``, or repeats it, which stores the same values."""

@@ -9,7 +9,8 @@ backend raises.
   (``block_table``; causal, aligned bottom-right when cached tokens precede the new ones, as the metadata defines);
 - decode: ``flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=context_lens, block_table=...)``.
 
-Both run after ``write_kv`` has stored the step's K/V, so the cache holds ``context_lens[s]`` tokens of each sequence.
+Both run after the step's K/V are stored (by ``write_kv`` here, or by the caller when ``kv_written=True``), so
+the cache holds ``context_lens[s]`` tokens of each sequence.
 Constraints of FlashAttention-2's paged KV (``csrc/flash_attn/flash_api.cpp``): CUDA (Ampere or newer), fp16/bf16 q
 and cache, head dim <= 256 and a multiple of 8, block size a multiple of 256; ``validate`` checks them.
 """
@@ -72,6 +73,7 @@ class FlashAttnBackend(AttentionBackend):
     does not import."""
 
     name = "flash_attn"
+    accepts_kv_written = True
 
     def __init__(self):
         if not HAS_FLASH_ATTN:
@@ -84,8 +86,10 @@ class FlashAttnBackend(AttentionBackend):
     def validate(self, *, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         check_flash_attn_config(block_size=block_size, head_dim=head_dim, dtype=dtype, device=device)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, *,
+                kv_written: bool = False) -> torch.Tensor:
+        if not kv_written:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
                                           block_table=meta.block_tables, softmax_scale=scale, causal=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 PREFIX_MIN_SAVING = 0.5
 """Cascade decode is used when reading each shared prefix once saves at least this share of a step's block reads
 (``PrefixGroups.build``, measured there)."""

@@ -54,9 +54,12 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
     supports_prefix_groups = True  # decode reads AttentionMetadata.prefix_groups (on the CPU)
+    accepts_kv_written = True  # the model's fused rope_and_cache may store K/V first
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, *,
+                kv_written: bool = False) -> torch.Tensor:
+        if not kv_written:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)

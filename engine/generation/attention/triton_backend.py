@@ -277,6 +277,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 class TritonAttention(AttentionBackend):
     """Paged flash-decoding in Triton for decode steps; prefill and mixed steps reuse ``TorchAttention``.
 
+    ``forward(..., kv_written=True)`` (``accepts_kv_written``): the caller has stored this step's K/V (the model's
+    fused ``kernels.rope_and_cache``), so decode skips ``write_kv``; prefill passes the flag on when the torch backend
+    accepts it, else the torch backend stores ``k, v`` again (the values already there).
+
     Args:
         split_size: tokens per KV split of the decode kernel; None picks it from the batch shape (fast), a fixed
             value makes each sequence's output independent of the rest of the batch (batch invariance).
@@ -285,6 +289,7 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "triton"
+    accepts_kv_written = True
 
     def __init__(self, *, split_size: int | None = None, dot_min_group: int = DOT_MIN_GROUP):
         if not HAS_TRITON:
@@ -310,13 +315,18 @@ class TritonAttention(AttentionBackend):
             raise ValueError(f"the triton attention backend runs on CUDA devices (or on the CPU with "
                              f"TRITON_INTERPRET=1 set before import, tests only); got device {device}")
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, *,
+                kv_written: bool = False) -> torch.Tensor:
         if not meta.is_decode or q.dtype == torch.float64 or k_cache.dtype == torch.float64:
+            if kv_written and getattr(self._torch, "accepts_kv_written", False):
+                return self._torch.forward(q, k, v, k_cache, v_cache, meta, scale, kv_written=True)
+            # a torch backend that always writes stores k, v again: the same values (k holds the stored ones)
             return self._torch.forward(q, k, v, k_cache, v_cache, meta, scale)
         if k_cache.shape[1] != meta.block_size:
             raise ValueError(f"the cache holds blocks of {k_cache.shape[1]} tokens but the metadata says "
                              f"block_size={meta.block_size}")
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if not kv_written:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                       meta.max_context_len, scale, split_size=self.split_size,
                                       dot_min_group=self.dot_min_group)

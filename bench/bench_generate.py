@@ -65,16 +65,20 @@ def timed(fn, dev: str) -> tuple[float, object, float | None]:
     return seconds, out, peak
 
 
-def run_ours(model, prompts, args, dev, shared_prefix: bool = True):
+def run_ours(model, prompts, args, dev, shared_prefix: bool = True, enforce_eager: bool | None = None):
     gen = Generator(model, max_num_seqs=args.prompts * args.n, block_size=args.block_size,
                     attention_backend=args.backend, kv_cache_memory=args.kv_mb << 20 if args.kv_mb else None,
-                    shared_prefix=shared_prefix)
+                    shared_prefix=shared_prefix, enforce_eager=enforce_eager, max_model_len=args.max_model_len)
     params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     gen.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up (allocates the cache)
     seconds, outs, peak = timed(lambda: gen.generate(prompts, params), dev)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return dict(impl="ours" if shared_prefix else "ours_noshare", backend=gen.backend.name, seconds=seconds,
-                output_tokens=tokens, peak_mb=peak, shared_prefix=gen.shared_prefix)
+    static = gen._static
+    impl = "ours" if shared_prefix and not enforce_eager else "ours_noshare" if not shared_prefix else "ours_eager"
+    return dict(impl=impl, backend=gen.backend.name, seconds=seconds, output_tokens=tokens, peak_mb=peak,
+                shared_prefix=gen.shared_prefix, cuda_graphs=gen.use_cuda_graphs,
+                graphs_captured=static.num_graphs if static else 0,
+                graph_capture_s=static.capture_seconds if static else 0.0)
 
 
 def run_hf(model, prompts, args, dev):
@@ -120,6 +124,10 @@ def main() -> None:
     p.add_argument("--compare-shared-prefix", action="store_true",
                    help="also run ours with shared_prefix=False (the prompt's K/V read once per sample)")
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of every implementation; medians")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="also run ours with enforce_eager=True (no static buffers / CUDA graphs)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the generator's max_model_len (default: the model's; a graph plans its decode for it)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = "cuda" if cuda else "cpu"
@@ -137,6 +145,8 @@ def main() -> None:
     runners = [lambda: run_ours(model, prompts, args, dev)]
     if args.compare_shared_prefix:
         runners.append(lambda: run_ours(model, prompts, args, dev, shared_prefix=False))
+    if args.compare_eager:
+        runners.append(lambda: run_ours(model, prompts, args, dev, enforce_eager=True))
     if not args.no_hf:
         runners.append(lambda: run_hf(model, prompts, args, dev))
     runs = [[] for _ in runners]
@@ -163,6 +173,10 @@ def main() -> None:
     if "hf_generate" in by_impl:
         print(f"ours / HF generate: {by_impl['ours']['tokens_per_s'] / by_impl['hf_generate']['tokens_per_s']:.2f}x "
               f"output tokens/s (targets: >= 1.2x on the CPU qwen2-cpu shape, >= 5x on a GPU at 64 x 8)")
+    if "ours_eager" in by_impl and by_impl["ours"]["cuda_graphs"]:
+        print(f"static buffers + CUDA graphs / eager: "
+              f"{by_impl['ours']['tokens_per_s'] / by_impl['ours_eager']['tokens_per_s']:.2f}x "
+              f"({by_impl['ours']['graphs_captured']} graphs captured in {by_impl['ours']['graph_capture_s']:.2f} s)")
     if "ours_noshare" in by_impl:
         print(f"shared prefix on / off: {by_impl['ours']['tokens_per_s'] / by_impl['ours_noshare']['tokens_per_s']:.2f}x")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, in one device call (about 9 minutes on an H100): the sm_90 compile check, the
-# whole test suite on CUDA, then the kernel, generation, end-to-end GRPO and classic-RLHF (sft/rm/ppo/dpo)
-# benchmarks. Logs and JSON go to $OUT (or ./gpu_out; at most 8 files come back from the device tool); each step has
-# its own time limit so that one slow step cannot starve the rest.
+# whole test suite on CUDA (the fused decode kernels, CUDA-graph replay vs eager, no host sync inside a replay), then
+# the kernel, launch-count, generation (static buffers + CUDA graphs vs eager; batch 1), decode host time,
+# end-to-end GRPO (with the rollout/trainer log-prob gap) and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
+# JSON go to $OUT (or ./gpu_out), packed at the end into $OUT/gpu_checks.tgz (the device tool brings back at most 8
+# files; PACK=0 leaves them loose); each step has its own time limit so that one slow step cannot starve the rest.
 #
 #     bash bench/gpu_checks.sh                 # on the GPU box, from the repository root
 #     STEPS="pytest kernels" bash bench/gpu_checks.sh
@@ -10,7 +12,7 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-STEPS=${STEPS:-"env compile pytest kernels generate e2e rlhf"}
+STEPS=${STEPS:-"env compile pytest kernels launches generate generate_b1 decode_host e2e rlhf"}
 # The HH data lives beside the checkout (../shared), which does not travel to the GPU box: copy it into an ignored
 # folder of the checkout and point HH_DATA at it there.
 HH_DATA=${HH_DATA:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}
@@ -34,11 +36,21 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
         compile) step compile 90 python3 tests/gpu_compile_check.py ;;
         pytest) step pytest 200 python3 -m pytest -q -n 8 -p no:cacheprovider -m "not slow" tests/kernels tests/engine ;;
         kernels) step kernels 150 python3 bench/bench_kernels.py --size gpu --rep-ms 100 --out "$OUT/kernels.json" ;;
-        generate) step generate 90 python3 bench/bench_generate.py --out "$OUT/generate.json" ;;
+        launches) step launches 60 python3 bench/count_launches.py --out "$OUT/launches.json" ;;
+        generate) step generate 150 python3 bench/bench_generate.py --compare-eager --max-model-len 1024 \
+                      --out "$OUT/generate.json" ;;
+        generate_b1) step generate_b1 90 python3 bench/bench_generate.py --prompts 1 --n 1 --max-tokens 512 \
+                      --compare-eager --max-model-len 1024 --no-hf --out "$OUT/generate_b1.json" ;;
+        decode_host) step decode_host 60 python3 bench/bench_decode_host.py --out "$OUT/decode_host.json" ;;
         e2e) step e2e 120 python3 bench/bench_e2e.py --steps 3 --out "$OUT/e2e.json" ;;
         rlhf) step rlhf 300 python3 bench/bench_rlhf.py --data "$HH_DATA" --out "$OUT/rlhf.json" ;;
         *) echo "unknown step $s"; exit 2 ;;
     esac
 done
 echo "=== summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# The device tool brings back at most 8 files: with PACK=1 (the default) everything is packed into one archive.
+if [ "${PACK:-1}" = 1 ]; then
+    tar -czf "$OUT.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$OUT.tgz" "$OUT/gpu_checks.tgz"
+    echo "packed into $OUT/gpu_checks.tgz (tar -xzf it under bench/results/)"
+fi

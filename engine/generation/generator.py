@@ -21,6 +21,7 @@ import torch
 from engine.generation.attention import AttentionMetadata, get_attention_backend
 from engine.generation.attention.metadata import PREFIX_MIN_SAVING, PrefixGroups
 from engine.generation.block_manager import BlockManager
+from engine.generation.graph_decoder import StaticDecoder, warn_graphs_off
 from engine.generation.kv_cache import KVCache, default_budget, num_blocks_for_budget
 from engine.generation.outputs import CompletionOutput, RequestOutput
 from engine.generation.sampler import child_seed, make_seed, sample
@@ -58,6 +59,13 @@ class Generator:
         shared_prefix: decode attention reads each prompt's shared KV blocks once for all its samples (cascade
             attention) where the backend supports it (the torch backend on the CPU); False reads them once per
             sample. The results agree to rounding.
+        enforce_eager: how decode steps run (``engine.generation.graph_decoder``). None (default): on CUDA, static
+            buffers padded to a bucket size and one CUDA graph per bucket, replayed every step; elsewhere, eager
+            steps on the running rows. True: eager steps everywhere (vLLM's flag). False: the static buffers
+            everywhere (on the CPU run eagerly: what a graph replays; for tests). The static path reserves one KV
+            block as the padded rows' scratch. A graph that fails to capture falls back to eager steps with a
+            warning. Graphs read the parameters' storage: update weights in place (optimizers and
+            ``load_state_dict`` do), or call ``release_kv_cache()`` after replacing parameter tensors.
 
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.
@@ -65,7 +73,8 @@ class Generator:
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, attention_backend: str | None = None,
-                 max_num_batched_tokens: int | None = None, shared_prefix: bool = True):
+                 max_num_batched_tokens: int | None = None, shared_prefix: bool = True,
+                 enforce_eager: bool | None = None):
         self.model = LlamaFamilyModel(model)
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
@@ -82,6 +91,10 @@ class Generator:
         self.backend.validate(block_size=block_size, head_dim=self.model.head_dim, dtype=self.model.dtype,
                               device=self.model.device)
         self.shared_prefix = shared_prefix and getattr(self.backend, "supports_prefix_groups", False)
+        on_cuda = self.model.device.type == "cuda"
+        self.static_decode = (on_cuda and enforce_eager is None) or enforce_eager is False
+        self.use_cuda_graphs = self.static_decode and on_cuda
+        self._static: StaticDecoder | None = None
         self.kv_cache_memory = kv_cache_memory
         self.kv_cache: KVCache | None = None
         self.scheduler: Scheduler | None = None
@@ -96,13 +109,19 @@ class Generator:
             return
         m = self.model
         budget = self.kv_cache_memory or default_budget(m.device)
-        min_blocks = math.ceil(self.max_model_len / self.block_size) + 1
+        scratch = int(self.static_decode)  # the static path's padded rows write to a block no sequence owns
+        max_blocks = math.ceil(self.max_model_len / self.block_size)
         num_blocks = num_blocks_for_budget(budget, num_layers=m.num_layers, block_size=self.block_size,
                                            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=m.dtype,
-                                           min_blocks=min_blocks)
+                                           min_blocks=max_blocks + 1 + scratch)
         self.kv_cache = KVCache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim, m.dtype,
                                 m.device)
-        self.scheduler = Scheduler(BlockManager(num_blocks, self.block_size), max_num_seqs=self.max_num_seqs,
+        if self.static_decode:
+            self._static = StaticDecoder(m, self.backend, self.kv_cache.as_list(), max_num_seqs=self.max_num_seqs,
+                                         max_blocks=max_blocks, block_size=self.block_size,
+                                         max_model_len=self.max_model_len, scratch_block=num_blocks - 1,
+                                         use_graphs=self.use_cuda_graphs)
+        self.scheduler = Scheduler(BlockManager(num_blocks - scratch, self.block_size), max_num_seqs=self.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
         self._prefix_cache: tuple[int, PrefixGroups | None] | None = None
@@ -113,6 +132,7 @@ class Generator:
             raise RuntimeError("release_kv_cache() while requests are unfinished: abort them first")
         self.kv_cache = None
         self.scheduler = None
+        self._static = None  # its graphs point into the freed cache
 
     @property
     def block_manager(self) -> BlockManager | None:
@@ -222,15 +242,30 @@ class Generator:
         sampling inputs are slices of its arrays, the sampled tokens and log-probs come back in one copy, and the
         stop checks are vectorised (``RunningBatch``)."""
         rows = batch.batch
-        dev = self.model.device
-        input_ids, positions, meta = rows.decode_inputs(dev)
-        if self.shared_prefix:
-            meta.prefix_groups = self._prefix_groups(rows)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache.as_list(), meta, self.backend)
-        tokens, logprobs = sample(self.model.compute_logits(hidden), **rows.sampling_inputs(dev))
+        if self._static is not None:
+            tokens, logprobs = self._static_step(rows)
+        else:
+            dev = self.model.device
+            input_ids, positions, meta = rows.decode_inputs(dev)
+            if self.shared_prefix:
+                meta.prefix_groups = self._prefix_groups(rows)
+            hidden = self.model.forward(input_ids, positions, self.kv_cache.as_list(), meta, self.backend)
+            tokens, logprobs = sample(self.model.compute_logits(hidden), **rows.sampling_inputs(dev))
         host = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu().numpy()  # one copy
         for seq, reason in rows.advance(host[0].astype(np.int64), host[1]):
             self.scheduler.finish(seq, reason)
+
+    def _static_step(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step on the static buffers (a CUDA graph replay on CUDA); a capture that fails switches to
+        eager steps on the same buffers, with a warning."""
+        try:
+            return self._static.step(rows)
+        except Exception as err:  # noqa: BLE001 - any capture failure: decoding must go on, correctly
+            if not self._static.use_graphs:
+                raise
+            warn_graphs_off(err)
+            self._static.use_graphs = False
+            return self._static.step(rows)
 
     def _prefix_groups(self, rows) -> PrefixGroups | None:
         """The shared-prefix groups of the running rows, rebuilt only when the rows changed (the groups' shared blocks

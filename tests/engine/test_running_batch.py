@@ -128,3 +128,89 @@ def test_a_request_samples_the_same_alone_and_in_a_crowded_batch(monkeypatch):
         for a, b in zip(sorted(got.outputs, key=lambda c: c.index), sorted(want.outputs, key=lambda c: c.index)):
             assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ static buffers
+def test_bucket_sizes():
+    from engine.generation.graph_decoder import bucket_sizes
+
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(6) == [1, 2, 4, 6]
+    assert bucket_sizes(16) == [1, 2, 4, 8, 16]
+    assert bucket_sizes(20) == [1, 2, 4, 8, 16, 32]
+    assert bucket_sizes(256) == [1, 2, 4, 8, 16] + list(range(32, 257, 16))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        bucket_sizes(0)
+
+
+def crowded_run(model, prompts, params, *, enforce_eager):
+    """The crowded scenario of the test above (waiting, finishing mid-batch, preemption, an abort), as outputs."""
+    per_block = bytes_per_block(2, 4, 2, 8, torch.float32)
+    gen = Generator(model, block_size=4, attention_backend="torch", max_num_seqs=6, max_model_len=40,
+                    kv_cache_memory=15 * per_block, enforce_eager=enforce_eager)
+    extra = gen.add_request(prompts[0], SamplingParams(n=2, max_tokens=30, seed=99))
+    ids = [gen.add_request(p, sp) for p, sp in zip(prompts, params)]
+    results, steps = {}, 0
+    while gen.has_unfinished_requests():
+        for out in gen.step():
+            results[out.request_id] = out
+        steps += 1
+        if steps == 5:
+            gen.abort_request(extra)
+    assert gen.block_manager.num_free_blocks == gen.block_manager.num_blocks
+    return gen, [results[rid] for rid in ids]
+
+
+def test_the_static_padded_buffers_sample_what_the_eager_rows_sample():
+    """enforce_eager=False on the CPU runs the CUDA-graph path's static buffers eagerly: batches padded to bucket
+    sizes (1, 2, 4, 6 here) whose padded rows write to a reserved scratch block; every sample and log-prob equals the
+    eager rows path's, through finishing rows, preemption and an abort."""
+    model = tiny_model("qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=64)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 13, 8, 21, 3, 9)]
+    params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=20 + i)
+              for i, (n, t, m) in enumerate([(3, 1.0, 12), (2, 0.0, 4), (4, 1.0, 15), (1, 0.7, 9), (2, 1.0, 15),
+                                             (3, 1.0, 6)])]
+    eager_gen, eager = crowded_run(model, prompts, params, enforce_eager=True)
+    static_gen, static = crowded_run(model, prompts, params, enforce_eager=False)
+    assert static_gen._static is not None and eager_gen._static is None
+    assert static_gen.block_manager.num_blocks == static_gen.kv_cache.num_blocks - 1  # the scratch block
+    for a, b in zip(static, eager):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert ca.token_ids == cb.token_ids and ca.finish_reason == cb.finish_reason
+            assert ca.logprobs == pytest.approx(cb.logprobs, abs=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+
+
+@needs_cuda
+def test_cuda_graph_replay_equals_eager_and_never_syncs_with_the_host():
+    model = tiny_model("qwen2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128, dtype=torch.bfloat16).cuda()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (7, 30, 17)]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=5, ignore_eos=True)
+    graphs = Generator(model, block_size=16)  # enforce_eager=None: graphs on CUDA
+    eager = Generator(model, block_size=16, enforce_eager=True)
+    got, want = graphs.generate(prompts, params), eager.generate(prompts, params)
+    assert graphs.use_cuda_graphs and graphs._static.num_graphs >= 1
+    pairs = [(a, b) for o1, o2 in zip(got, want) for a, b in zip(o1.outputs, o2.outputs)]
+    # the same kernels on the same bf16 weights; only the decode kernel's split plan differs (a graph plans for
+    # max_model_len), which can move a float32 sum by an ulp: nearly every sample must be identical
+    assert sum(a.token_ids == b.token_ids for a, b in pairs) >= 10, [(a.token_ids, b.token_ids) for a, b in pairs]
+    for a, b in pairs:
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        assert a.logprobs[:n] == pytest.approx(b.logprobs[:n], abs=2e-2)
+    # a replay with live rows, under the sync debugger: no host synchronisation inside the step
+    graphs.add_request(prompts[0], SamplingParams(n=3, max_tokens=8, seed=1, ignore_eos=True))
+    graphs.step()  # prefill
+    graphs.step()  # one decode (its bucket is captured)
+    rows = graphs.scheduler.batch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphs._static.step(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -31,7 +31,6 @@ from engine.generation.sampling_params import SamplingParams  # noqa: E402
 from engine.models.tiny import tiny_model  # noqa: E402
 from kernels import _backend  # noqa: E402
 
-
 # Named CPU shapes (issue 10's CPU target): a random Qwen2 small enough for a 2-core machine, large enough that the
 # forward, not only the host, costs something.
 CPU_SHAPES = {"qwen2-cpu": dict(arch="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,

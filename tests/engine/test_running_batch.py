@@ -94,9 +94,41 @@ def test_stop_checks_are_v1s():
     assert ignore.token_ids[-1] == 0 and ignore.logprobs == [-1.0] and batch.size == 5
 
 
+def crowded_run(model, prompts, params, *, enforce_eager=None, blocks=14):
+    """``prompts`` with ``params`` in a crowded generator: up to 6 sequences at once over a pool of ``blocks`` KV
+    blocks of 4 tokens (one of them the static path's scratch block when ``enforce_eager=False``), so requests wait,
+    finish mid-batch and get preempted, and an extra request is aborted after 5 steps. Returns ``(generator, outputs
+    in the order of prompts)``; checks that every block came back."""
+    per_block = bytes_per_block(2, 4, 2, 8, torch.float32)  # 2 layers, block 4, 2 K/V heads of 8
+    gen = Generator(model, block_size=4, attention_backend="torch", max_num_seqs=6, max_model_len=40,
+                    kv_cache_memory=blocks * per_block, enforce_eager=enforce_eager)
+    extra = gen.add_request(prompts[0], SamplingParams(n=2, max_tokens=30, seed=99))
+    ids = [gen.add_request(p, sp) for p, sp in zip(prompts, params)]
+    results, steps = {}, 0
+    while gen.has_unfinished_requests():
+        for out in gen.step():
+            results[out.request_id] = out
+        steps += 1
+        if steps == 5:
+            gen.abort_request(extra)
+    assert gen.block_manager.num_free_blocks == gen.block_manager.num_blocks
+    return gen, [results[rid] for rid in ids]
+
+
+def assert_same_samples(got, want):
+    for g_out, w_out in zip(got, want):
+        for a, b in zip(sorted(g_out.outputs, key=lambda c: c.index), sorted(w_out.outputs, key=lambda c: c.index)):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def small_qwen2():
+    return tiny_model("qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64)
+
+
 def test_a_request_samples_the_same_alone_and_in_a_crowded_batch(monkeypatch):
-    model = tiny_model("qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64)
+    model = small_qwen2()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 13, 8, 21, 3, 9)]
     params = [SamplingParams(n=n, temperature=1.0, max_tokens=m, seed=10 + i, stop_token_ids=stop)
@@ -104,30 +136,13 @@ def test_a_request_samples_the_same_alone_and_in_a_crowded_batch(monkeypatch):
                                                 (2, 15, None), (3, 6, None)])]
     alone = [Generator(model, block_size=4, attention_backend="torch").generate([p], [sp])[0]
              for p, sp in zip(prompts, params)]
-    # a pool of 14 blocks of 4 tokens for up to 6 sequences at once: waiting, finishing mid-batch, preemption
     preempted = []
     real = Scheduler._preempt
     monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), real(self, seq)))
-    per_block = bytes_per_block(2, 4, 2, 8, torch.float32)  # 2 layers, block 4, 2 K/V heads of 8
-    crowded = Generator(model, block_size=4, attention_backend="torch", max_num_seqs=6, max_model_len=40,
-                        kv_cache_memory=14 * per_block)
-    assert crowded._ensure_cache() is None and crowded.block_manager.num_blocks == 14
-    extra = crowded.add_request(prompts[0], SamplingParams(n=2, max_tokens=30, seed=99))  # aborted midway
-    ids = [crowded.add_request(p, sp) for p, sp in zip(prompts, params)]
-    results, steps = {}, 0
-    while crowded.has_unfinished_requests():
-        for out in crowded.step():
-            results[out.request_id] = out
-        steps += 1
-        if steps == 5:
-            crowded.abort_request(extra)
-    assert crowded.block_manager.num_free_blocks == crowded.block_manager.num_blocks
+    crowded, outputs = crowded_run(model, prompts, params)
+    assert crowded.block_manager.num_blocks == 14
     assert preempted  # the pool ran dry at least once
-    for rid, want in zip(ids, alone):
-        got = results[rid]
-        for a, b in zip(sorted(got.outputs, key=lambda c: c.index), sorted(want.outputs, key=lambda c: c.index)):
-            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert_same_samples(outputs, alone)
 
 
 # ------------------------------------------------------------------------------------------------ static buffers
@@ -143,30 +158,11 @@ def test_bucket_sizes():
         bucket_sizes(0)
 
 
-def crowded_run(model, prompts, params, *, enforce_eager):
-    """The crowded scenario of the test above (waiting, finishing mid-batch, preemption, an abort), as outputs."""
-    per_block = bytes_per_block(2, 4, 2, 8, torch.float32)
-    gen = Generator(model, block_size=4, attention_backend="torch", max_num_seqs=6, max_model_len=40,
-                    kv_cache_memory=15 * per_block, enforce_eager=enforce_eager)
-    extra = gen.add_request(prompts[0], SamplingParams(n=2, max_tokens=30, seed=99))
-    ids = [gen.add_request(p, sp) for p, sp in zip(prompts, params)]
-    results, steps = {}, 0
-    while gen.has_unfinished_requests():
-        for out in gen.step():
-            results[out.request_id] = out
-        steps += 1
-        if steps == 5:
-            gen.abort_request(extra)
-    assert gen.block_manager.num_free_blocks == gen.block_manager.num_blocks
-    return gen, [results[rid] for rid in ids]
-
-
 def test_the_static_padded_buffers_sample_what_the_eager_rows_sample():
     """enforce_eager=False on the CPU runs the CUDA-graph path's static buffers eagerly: batches padded to bucket
     sizes (1, 2, 4, 6 here) whose padded rows write to a reserved scratch block; every sample and log-prob equals the
     eager rows path's, through finishing rows, preemption and an abort."""
-    model = tiny_model("qwen2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64)
+    model = small_qwen2()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 13, 8, 21, 3, 9)]
     params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=20 + i)
@@ -176,10 +172,7 @@ def test_the_static_padded_buffers_sample_what_the_eager_rows_sample():
     static_gen, static = crowded_run(model, prompts, params, enforce_eager=False)
     assert static_gen._static is not None and eager_gen._static is None
     assert static_gen.block_manager.num_blocks == static_gen.kv_cache.num_blocks - 1  # the scratch block
-    for a, b in zip(static, eager):
-        for ca, cb in zip(a.outputs, b.outputs):
-            assert ca.token_ids == cb.token_ids and ca.finish_reason == cb.finish_reason
-            assert ca.logprobs == pytest.approx(cb.logprobs, abs=1e-5)
+    assert_same_samples(static, eager)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")

@@ -25,6 +25,7 @@ from engine.generation.attention import (
     paged_decode_attention,
 )
 from engine.generation.attention import flash_attn_backend as fab
+from engine.generation.attention.base import write_kv
 from engine.generation.attention.triton_backend import decode_tiles
 from kernels._backend import HAS_TRITON, interpreting
 from tests._numerics import assert_close
@@ -118,6 +119,24 @@ def test_torch_prefill_with_cached_prefix(dtype, heads, device):
     H, H_kv = heads
     out, ref, _ = run_backend(TorchAttention(), [5, 12, 9], [5, 4, 1], H, H_kv, 16, 4, dtype, device, seed=1)
     assert_close(out, ref, dtype, "prefill")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa3", "mqa4"])
+def test_torch_prefill_of_whole_prompts_attends_the_packed_kv(dtype, heads, device):
+    # whole prompts (nothing cached before them: the generator's prefills) attend over the step's own packed K/V,
+    # without reading the cache back (the cache is still written, checked by run_backend); bf16 against the
+    # gather-from-cache path on the same inputs, by STYLE.md 3's rule
+    H, H_kv = heads
+    lens = [5, 17, 1, 9]
+    out, ref, _ = run_backend(TorchAttention(), lens, lens, H, H_kv, 16, 4, dtype, device, seed=4)
+    if dtype == torch.bfloat16:
+        q, k, v, kc, vc, meta, _, _ = make_case(lens, lens, H, H_kv, 16, 4, dtype, device, seed=4)  # the same case
+        write_kv(kc, vc, k, v, meta.slot_mapping)
+        base = TorchAttention._prefill_from_cache(q, kc, vc, meta, 16 ** -0.5)
+        assert_within_baseline(out, ref, base, dtype, "whole-prompt prefill")
+    else:
+        assert_close(out, ref, dtype, "whole-prompt prefill")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

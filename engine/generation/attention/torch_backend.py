@@ -8,11 +8,16 @@ prompt blocks) the shared prefix is gathered and attended ONCE per group, its ``
 one call, each sample's own suffix separately, and the two partial results merged by their log-sum-exp (cascade
 attention: Hydragen, Juravsky et al. 2024; FlashInfer): the prompt's K/V is read once instead of G times.
 
-Prefill loops over the sequences (each is one SDPA call with an explicit bottom-right causal mask;
-``is_causal=True`` would align the mask top-left, wrong whenever cached tokens precede the new ones).
+Prefill of whole prompts (the generator's prefills: a prompt, or a preempted sample's prompt + output, recomputed)
+attends over the step's packed new K/V directly, without reading the cache back: one FlashAttention varlen call on
+CUDA where torch has it, else one fused causal SDPA per prompt. A prefill after cached tokens (not issued by the
+generator, supported for callers) gathers its context and uses an explicit bottom-right causal mask
+(``is_causal=True`` would align the mask top-left, wrong whenever cached tokens precede the new ones).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,10 @@ from engine.generation.attention.metadata import AttentionMetadata, PrefixGroups
 # PyTorch's CPU flash-attention kernel, which also returns the log-sum-exp the cascade merge needs (the public SDPA
 # does not); absent on other builds, where decode falls back to grouped_sdpa without the shared-prefix path.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+try:  # FlashAttention over packed variable-length sequences (CUDA; torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _VARLEN
+except ImportError:  # pragma: no cover - older torch
+    _VARLEN = None
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -62,6 +71,14 @@ class TorchAttention(AttentionBackend):
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
+        if meta.query_lens_list == meta.context_lens_list:  # whole prompts: nothing cached before them
+            return self._prefill_packed(q, k.to(k_cache.dtype), v.to(v_cache.dtype), meta, scale)
+        return self._prefill_from_cache(q, k_cache, v_cache, meta, scale)
+
+    @staticmethod
+    def _prefill_from_cache(q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        """Any prefill, one sequence at a time, each over its whole context gathered from the cache (this step's
+        K/V already written) with a bottom-right causal mask."""
         out = torch.empty_like(q)
         start = 0
         for s, (q_len, ctx) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
@@ -77,6 +94,31 @@ class TorchAttention(AttentionBackend):
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self._varlen_ok = _VARLEN is not None
+
+    def _prefill_packed(self, q, k, v, meta: AttentionMetadata, scale):
+        """Causal attention of whole prompts over their own packed new K/V (``k, v`` as the cache stores them): no
+        gather from the cache. On CUDA, one FlashAttention varlen call over all prompts
+        (``torch.nn.attention.varlen``) where this torch has it; else one fused SDPA call per prompt."""
+        H, H_kv = q.shape[1], k.shape[1]
+        if self._varlen_ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                longest = max(meta.query_lens_list)
+                return _VARLEN(q, k.to(q.dtype), v.to(q.dtype), meta.cu_seqlens_q, meta.cu_seqlens_q, longest,
+                               longest, scale=scale, window_size=(-1, 0), enable_gqa=H != H_kv)
+            except (RuntimeError, TypeError, NotImplementedError) as err:  # an older torch, an unsupported shape
+                self._varlen_ok = False
+                warnings.warn(f"varlen FlashAttention unavailable ({type(err).__name__}: {err}); prefill attends "
+                              "prompt by prompt", RuntimeWarning, stacklevel=2)
+        out = torch.empty_like(q)
+        start = 0
+        for q_len in meta.query_lens_list:
+            rows = slice(start, start + q_len)
+            out[rows] = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1), k[rows].transpose(0, 1).to(q.dtype), v[rows].transpose(0, 1).to(q.dtype),
+                is_causal=True, scale=scale, enable_gqa=H != H_kv).transpose(0, 1)
+            start += q_len
+        return out
 
     def _gather(self, name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """``cache [num_blocks, block_size, H_kv, D]`` rows ``blocks [...]`` (int64) -> ``[*blocks.shape, block_size,

@@ -113,20 +113,22 @@ def _adamw_targets(optimizer: torch.optim.Optimizer):
 
 @torch.no_grad()
 def update_would_overflow(optimizer: torch.optim.Optimizer) -> list[int]:
-    """Indices (in parameter order) of the float16 parameters that the next ``optimizer.step()`` would push past
-    float16's range (or to NaN), computed out of place before the step, so that a skipped step leaves the weights and
-    the optimizer state exactly as they were.
+    """Positions, among the parameters that have a gradient (in parameter order), of the float16 parameters that the
+    next ``optimizer.step()`` would push past float16's range (or to NaN), computed out of place before the step, so
+    that a skipped step leaves the weights and the optimizer state exactly as they were. One host synchronisation.
 
-    float16 is the only dtype whose range a finite AdamW update can leave (bf16 has float32's exponent range); for any
-    other dtype, or an optimizer that is not a ``torch.optim.AdamW``, the list is empty and ``clip_and_step``'s
-    check after the step is the safety net. ``MasterWeightAdamW`` is checked on its float32 masters, against the
-    dtype they are rounded to. The update is torch's AdamW (Loshchilov &
-    Hutter 2019) without amsgrad: decay ``p(1 - lr*wd)``, moments ``m, v``, bias corrections ``1 - beta^t``."""
-    if not isinstance(optimizer, torch.optim.AdamW):
+    float16 is the only dtype whose range a finite AdamW update can leave (bf16 has float32's exponent range). The
+    update is torch's AdamW (Loshchilov & Hutter 2019) without amsgrad: decay ``p(1 - lr*wd)``, moments ``m, v``,
+    bias corrections ``1 - beta^t``, computed in float32: exactly ``MasterWeightAdamW``'s float32 masters, checked
+    against the float16 they are rounded to. A plain ``torch.optim.AdamW`` over float16 parameters computes its
+    moments in float16, where they underflow (``make_optimizer`` refuses that combination); it and any other
+    optimizer get no prediction here, and ``clip_and_step``'s check after the step is the safety net."""
+    if not isinstance(optimizer, MasterWeightAdamW):
         return []
-    bad = []
-    for i, (group, p, grad, dtype) in enumerate(_adamw_targets(optimizer)):
+    flags = []
+    for group, p, grad, dtype in _adamw_targets(optimizer):
         if dtype != torch.float16 or group.get("amsgrad") or group.get("maximize"):
+            flags.append(None)
             continue
         state = optimizer.state.get(p, {})
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
@@ -137,15 +139,19 @@ def update_would_overflow(optimizer: torch.optim.Optimizer) -> list[int]:
         v = g * g * (1 - beta2) + (state["exp_avg_sq"].float() * beta2 if "exp_avg_sq" in state else 0.0)
         denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
         new = p.float() * (1 - lr * wd) - (lr / (1 - beta1 ** t)) * m / denom
-        if not bool((new.abs() <= torch.finfo(dtype).max).all()):  # NaN compares False: caught too
-            bad.append(i)
-    return bad
+        flags.append(~(new.abs() <= torch.finfo(dtype).max).all())  # NaN compares False: caught too
+    checked = [(i, f) for i, f in enumerate(flags) if f is not None]
+    if not checked:
+        return []
+    verdict = torch.stack([f for _, f in checked]).tolist()  # the one read-back
+    return [i for (i, _), overflow in zip(checked, verdict) if overflow]
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with ``cfg`` (an ``OptimConfig``): lr, betas, eps,
     weight_decay (not applied to biases and norm weights, as usual for transformers). When a trainable parameter is
-    bf16/fp16 and ``cfg.master_weights`` is on (the default), a ``MasterWeightAdamW`` with float32 master weights."""
+    bf16/fp16 and ``cfg.master_weights`` is on (the default), a ``MasterWeightAdamW`` with float32 master weights.
+    Raises ``ValueError`` for float16 parameters with ``cfg.master_weights`` off (float16 moments underflow)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -155,6 +161,10 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in decay + no_decay)
     if low_precision and getattr(cfg, "master_weights", True):
         return MasterWeightAdamW(groups, **kwargs)
+    if any(p.dtype == torch.float16 for p in decay + no_decay):
+        raise ValueError("optim.master_weights=false with float16 parameters (model.dtype=float16): AdamW would keep "
+                         "its moments in float16, where the squared gradients underflow to 0 and the update divides "
+                         "by zero; keep optim.master_weights=true, or train bfloat16 / float32 weights")
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -12,9 +12,12 @@ one:
   and ``trainer.overwrite=true`` (start over: the old contents are moved aside into ``<run>/.overwritten-<time>/``,
   never deleted silently and never mixed with the new run's), as HF ``Trainer`` and Lightning refuse a non-empty
   output directory.
-- **Configs** are written by ``write_config`` once the checkpoint has loaded (a failed resume leaves the directory as
-  it was): the first segment's as ``config.yaml``, a resumed segment's as ``config.<step>.yaml`` (``<step>`` = the
-  step it resumed from), so every segment's settings are kept.
+- **Configs** are written by ``write_config`` when training starts (the trainer's ``train()``), once the checkpoint
+  has loaded and the trainer is built (a start that fails leaves the directory as it was): the first segment's as
+  ``config.yaml``, a resumed segment's as ``config.<step>.yaml`` (``<step>`` = the step it resumed from), so every
+  segment's settings are kept.
+- **Resuming from another run's checkpoint** (``trainer.resume=<path>`` outside the directory) into a directory that
+  holds a run is refused like a fresh start: the two runs would mix.
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ class RunDirectory:
 
         Args:
             path: the run directory (``trainer.output_dir``).
-            resume: ``trainer.resume``: None is a fresh start; anything else continues (or starts, when there is
-                nothing to continue) the run in ``path``.
+            resume: ``trainer.resume``: None is a fresh start; ``"auto"`` or a checkpoint inside ``path`` continues
+                (or starts, when there is nothing to continue) the run in ``path``; a checkpoint elsewhere starts
+                this directory from another run's state (refused like a fresh start when ``path`` holds a run).
             overwrite: ``trainer.overwrite``: a fresh start moves an existing run aside instead of refusing.
 
         Raises ``RunDirectoryError`` when another live process holds the lock (naming its pid), or when a fresh start
@@ -72,10 +76,13 @@ class RunDirectory:
         run = cls(path, _lock(path))
         try:
             held = run.contents()
-            if resume is None and held:
+            elsewhere = resume not in (None, "auto") and path.resolve() not in Path(resume).resolve().parents
+            if (resume is None or elsewhere) and held:
                 if not overwrite:
+                    start = (f"resuming from {resume}, a checkpoint of another run," if elsewhere
+                             else "a fresh start")
                     raise RunDirectoryError(
-                        f"{path} already holds a run ({', '.join(held)}); a fresh start would mix the two. Continue "
+                        f"{path} already holds a run ({', '.join(held)}); {start} would mix the two. Continue "
                         f"it with trainer.resume=auto, start over with trainer.overwrite=true (the old contents are "
                         f"moved to {path}/{_ASIDE_PREFIX}<time>/), or choose another trainer.output_dir")
                 aside = run.move_aside()
@@ -145,7 +152,9 @@ def _lock(path: Path) -> int | None:
         if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
         holder = (path / LOCK_FILE).read_text().strip() or "unknown"
-        raise RunDirectoryError(f"{path} is in use by another run (pid {holder} holds {path / LOCK_FILE}); one "
+        mine = (" (this very process: an earlier trainer on this directory is still alive; it lets go when its "
+                "train() returns, or when it is deleted)") if holder == str(os.getpid()) else ""
+        raise RunDirectoryError(f"{path} is in use by another run (pid {holder} holds {path / LOCK_FILE}){mine}; one "
                                 "process writes to a run directory at a time: wait for it to end, stop it, or "
                                 "choose another trainer.output_dir") from None
     os.ftruncate(fd, 0)

@@ -214,8 +214,7 @@ class BaseTrainer:
                     if c.get("optimizer") is not None and c.get("scheduler") is not None]:
                 sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
             print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
-        # Only now, with the checkpoint loaded: a start that failed above leaves the directory's configs as they were.
-        self.run.write_config(cfg, self.state["step"])
+        self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
 
     # ------------------------------------------------------------------------------------------------ set-up hooks
     def load_data(self) -> None:
@@ -335,9 +334,13 @@ class BaseTrainer:
         demo stops the cold-start SFT once the held-out accuracy leaves room for RL, or at a time budget).
 
         The run directory's lock is held until this returns or raises (then released: another process may continue
-        the run); a second ``train()`` takes it again."""
+        the run); a second ``train()`` takes it again. The first call writes the resolved config (``config.yaml``,
+        or ``config.<step>.yaml`` for a resumed segment): a trainer that failed to build leaves none behind."""
         self.run.relock()
         try:
+            if not self._config_written:  # the checkpoint (if any) has loaded and every part of the trainer is built
+                self.run.write_config(self.cfg, self.state["step"])
+                self._config_written = True
             return self._train(should_stop)
         finally:
             self.run.close()

@@ -200,7 +200,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
         k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]``, one float dtype (may differ from q's: stored values
             are cast); written in place at the slots of ``slot_mapping`` only.
         slot_mapping: ``[N]`` int64, token ``n``'s flat slot ``block_id * block_size + offset``; every slot must lie in
-            ``[0, num_blocks * block_size)`` and appear once (not checked: checking would synchronise the host).
+            ``[0, num_blocks * block_size)`` (not checked: checking would synchronise the host); a slot that appears
+            more than once gets one of its tokens' values (the generator's padded rows all write one scratch slot).
 
     Returns:
         ``q`` (the same tensor, now rotated). Inference only: no autograd.

@@ -21,7 +21,7 @@ import torch
 from engine.generation.attention import AttentionMetadata, get_attention_backend
 from engine.generation.attention.metadata import PREFIX_MIN_SAVING, PrefixGroups
 from engine.generation.block_manager import BlockManager
-from engine.generation.graph_decoder import StaticDecoder, warn_graphs_off
+from engine.generation.graph_decoder import GraphCaptureError, StaticDecoder, warn_graphs_off
 from engine.generation.kv_cache import KVCache, default_budget, num_blocks_for_budget
 from engine.generation.outputs import CompletionOutput, RequestOutput
 from engine.generation.sampler import child_seed, make_seed, sample
@@ -57,15 +57,15 @@ class Generator:
         attention_backend: ``"torch"``, ``"triton"``, ``"flash_attn"`` or None/``"auto"`` (best available).
         max_num_batched_tokens: most prompt tokens in one prefill step (default 8192 or ``max_model_len``).
         shared_prefix: decode attention reads each prompt's shared KV blocks once for all its samples (cascade
-            attention) where the backend supports it (the torch backend on the CPU); False reads them once per
-            sample. The results agree to rounding.
-        enforce_eager: how decode steps run (``engine.generation.graph_decoder``). None (default): on CUDA, static
-            buffers padded to a bucket size and one CUDA graph per bucket, replayed every step; elsewhere, eager
-            steps on the running rows. True: eager steps everywhere (vLLM's flag). False: the static buffers
+            attention) where the backend supports it (the torch backend on the CPU, eager rows path); False reads
+            them once per sample. The results agree to rounding.
+        enforce_eager: how decode steps run (``engine.generation.graph_decoder``). None (default): on CUDA with a
+            graph-safe backend (``triton``), static buffers padded to a bucket size and one CUDA graph per bucket,
+            replayed every step; elsewhere, eager steps on the running rows. True: eager steps everywhere (vLLM's flag). False: the static buffers
             everywhere (on the CPU run eagerly: what a graph replays; for tests). The static path reserves one KV
             block as the padded rows' scratch. A graph that fails to capture falls back to eager steps with a
-            warning. Graphs read the parameters' storage: update weights in place (optimizers and
-            ``load_state_dict`` do), or call ``release_kv_cache()`` after replacing parameter tensors.
+            warning. Graphs read the parameters' storage, which optimizers and ``load_state_dict`` update in place;
+            parameters replaced by new tensors (``model.to(...)``) are noticed and the graphs captured again.
 
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.
@@ -90,10 +90,15 @@ class Generator:
                                              head_dim=self.model.head_dim, dtype=self.model.dtype)
         self.backend.validate(block_size=block_size, head_dim=self.model.head_dim, dtype=self.model.dtype,
                               device=self.model.device)
-        self.shared_prefix = shared_prefix and getattr(self.backend, "supports_prefix_groups", False)
         on_cuda = self.model.device.type == "cuda"
-        self.static_decode = (on_cuda and enforce_eager is None) or enforce_eager is False
+        # graphs by default only through a backend that plans for max_model_len cheaply (not the torch backend's
+        # gathers, nor float64, which the Triton backend hands to it)
+        graph_safe = self.backend.graph_safe and self.model.dtype != torch.float64
+        self.static_decode = (on_cuda and graph_safe and enforce_eager is None) or enforce_eager is False
         self.use_cuda_graphs = self.static_decode and on_cuda
+        # the cascade exists in the torch backend's CPU decode, on the eager rows path
+        self.shared_prefix = (shared_prefix and getattr(self.backend, "supports_prefix_groups", False)
+                              and not on_cuda and not self.static_decode)
         self._static: StaticDecoder | None = None
         self.kv_cache_memory = kv_cache_memory
         self.kv_cache: KVCache | None = None
@@ -260,9 +265,7 @@ class Generator:
         eager steps on the same buffers, with a warning."""
         try:
             return self._static.step(rows)
-        except Exception as err:  # noqa: BLE001 - any capture failure: decoding must go on, correctly
-            if not self._static.use_graphs:
-                raise
+        except GraphCaptureError as err:  # decoding goes on, correctly, without graphs
             warn_graphs_off(err)
             self._static.use_graphs = False
             return self._static.step(rows)

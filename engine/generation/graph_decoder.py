@@ -86,6 +86,7 @@ class StaticDecoder:
         self._cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
+        self._captured_params: tuple[int, ...] | None = None
         self.capture_seconds = 0.0
         """Total time spent capturing graphs (a one-off per bucket and sampling mode)."""
 
@@ -107,6 +108,10 @@ class StaticDecoder:
             tokens, logprobs = self._run(B, top_k, top_p, context_lens_list=rows.lens[:S].tolist() + [1] * (B - S))
             return tokens[:S], logprobs[:S]
         key = (B, top_k, top_p)
+        params = self._param_ptrs()
+        if params != self._captured_params:  # parameters replaced (not updated in place): the graphs read stale memory
+            self.drop_graphs()
+            self._captured_params = params
         if key not in self._graphs:
             self._capture(key)
         graph, tokens, logprobs = self._graphs[key]
@@ -155,22 +160,44 @@ class StaticDecoder:
         return sample(logits, b["temperature"][:B], b["top_k"][:B] if top_k else None,
                       b["top_p"][:B] if top_p else None, b["seeds"][:B], b["draw_positions"][:B])
 
+    def _param_ptrs(self) -> tuple[int, ...]:
+        """Where the model's parameters live: a graph replays reads of these addresses."""
+        return tuple(p.data_ptr() for p in self.model.hf_model.parameters())
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph and their memory pool (they are captured again at next use)."""
+        self._graphs.clear()
+        self._pool = None
+
     def _capture(self, key: tuple[int, bool, bool]) -> None:
-        """Warm the step up on a side stream (Triton compiles, allocator settles), then capture it."""
+        """Warm the step up on a side stream (Triton compiles, allocator settles), then capture it on another.
+
+        A capture that fails (a host synchronisation inside the step, an unsupported op) raises
+        ``GraphCaptureError`` naming the first error, after putting the caller's stream back, synchronising, and
+        dropping every graph: ``torch.cuda.graph`` would otherwise leave the process on its capture stream."""
         import time
 
         B, top_k, top_p = key
         t0 = time.perf_counter()
         lens_list = [self.max_model_len] * B  # the host-side size the kernels plan for: the longest possible
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(B, top_k, top_p, lens_list)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            tokens, logprobs = self._run(B, top_k, top_p, lens_list)
+        caller = torch.cuda.current_stream()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(B, top_k, top_p, lens_list)
+            caller.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream()):
+                tokens, logprobs = self._run(B, top_k, top_p, lens_list)
+        except Exception as err:
+            torch.cuda.set_stream(caller)
+            torch.cuda.synchronize()
+            self.drop_graphs()
+            cause = err.__context__ or err  # capture_end's error hides the one that invalidated the capture
+            raise GraphCaptureError(f"capturing the decode step of bucket {B} failed: {type(cause).__name__}: "
+                                    f"{cause}") from err
         self._pool = graph.pool()
         self._graphs[key] = (graph, tokens, logprobs)
         torch.cuda.synchronize()
@@ -181,10 +208,14 @@ class StaticDecoder:
         return len(self._graphs)
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured in a CUDA graph (the generator then decodes eagerly)."""
+
+
 def warn_graphs_off(err: BaseException) -> None:
     """The warning printed when capturing fails and the generator falls back to eager decoding."""
     warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly from now on "
                   "(Generator(enforce_eager=True) silences this)", RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["StaticDecoder", "bucket_sizes"]
+__all__ = ["GraphCaptureError", "StaticDecoder", "bucket_sizes"]

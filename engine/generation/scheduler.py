@@ -143,5 +143,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             if seq.seq_id in self.running:
                 self.finish(seq, "abort")
-            else:
+            else:  # waiting, or prefilled / forked in a step that raised before it started running
+                if seq.seq_id in self.blocks:
+                    self.blocks.free(seq.seq_id)
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"

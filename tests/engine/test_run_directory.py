@@ -159,3 +159,28 @@ def test_resume_keeps_each_step_once_even_after_a_torn_metrics_line(tmp_path):
     assert resumed.state["step"] == 2
     resumed.train()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # step 3 redone, logged once
+
+
+def test_a_start_that_fails_after_the_base_set_up_leaves_no_config(tmp_path):
+    """A typo in a reward's import path fails in GRPOTrainer's own set-up: nothing may be left that makes the
+    directory look used, and the lock is released."""
+    base = [f"trainer.output_dir={tmp_path}", *GRPO, "trainer.max_steps=1"]
+    with pytest.raises(ModuleNotFoundError):
+        GRPOTrainer(load_config(GRPORunConfig, None, [*base, "grpo.rewards=[no_such_module_here:reward]"]))
+    assert not (tmp_path / "config.yaml").exists()
+    GRPOTrainer(load_config(GRPORunConfig, None, base)).train()  # a fresh start is not refused
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_directory_is_refused(tmp_path):
+    sft(tmp_path / "a", "sft.max_steps=1").train()
+    sft(tmp_path / "b", "sft.max_steps=1").train()
+    other = checkpoint_dir(tmp_path / "a", 1)
+    with pytest.raises(RunDirectoryError, match=r"resuming from .* a checkpoint of another run"):
+        sft(tmp_path / "b", "sft.max_steps=2", f"trainer.resume={other}")
+    fresh = sft(tmp_path / "c", "sft.max_steps=2", f"trainer.resume={other}")  # into an empty directory: fine
+    assert fresh.state["step"] == 1
+    fresh.run.close()
+    own = sft(tmp_path / "b", "sft.max_steps=2", f"trainer.resume={checkpoint_dir(tmp_path / 'b', 1)}")
+    assert own.state["step"] == 1
+    own.run.close()

@@ -207,3 +207,17 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs_with_the_host():
         graphs._static.step(rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_prefill_that_raises_after_forking_leaks_no_block(monkeypatch):
+    """The prompt is prefilled and its samples forked, then the draw raises: generate() aborts the request, and the
+    blocks of the prefilled and forked samples (not running yet) come back."""
+    gen = Generator(small_qwen2(), block_size=4, attention_backend="torch")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the draw failed")
+
+    monkeypatch.setattr(gen, "_sample_and_append", broken)
+    with pytest.raises(RuntimeError, match="the draw failed"):
+        gen.generate([list(range(3, 14))], SamplingParams(n=3, max_tokens=4))
+    assert gen.block_manager.num_free_blocks == gen.block_manager.num_blocks

@@ -23,6 +23,10 @@ class AttentionBackend(ABC):
     sequence's context (cached + new, causal, aligned bottom-right; see ``metadata``)."""
 
     name: str = "base"
+    graph_safe: bool = False
+    """True when a decode step through this backend can be captured in a CUDA graph cheaply: it reads the context
+    lengths on the device and plans its work from the host-side maximum (a graph plans for ``max_model_len``) without
+    allocating in proportion to it."""
     accepts_kv_written: bool = False
     """True when ``forward`` takes ``kv_written=True`` and then leaves the cache write to the caller (the model's
     fused ``kernels.rope_and_cache``). A backend without it always writes ``k, v`` itself."""

@@ -290,6 +290,7 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
     accepts_kv_written = True
+    graph_safe = True  # the split grid is planned from the host-side maximum, lengths are read on the device
 
     def __init__(self, *, split_size: int | None = None, dot_min_group: int = DOT_MIN_GROUP):
         if not HAS_TRITON:

@@ -64,17 +64,31 @@ def timed(fn, dev: str) -> tuple[float, object, float | None]:
     return seconds, out, peak
 
 
-def run_ours(model, prompts, args, dev, shared_prefix: bool = True, enforce_eager: bool | None = None):
+def run_ours(model, prompts, args, dev, shared_prefix: bool = True, enforce_eager: bool | None = None,
+             fuse_projections: bool = False):
     gen = Generator(model, max_num_seqs=args.prompts * args.n, block_size=args.block_size,
                     attention_backend=args.backend, kv_cache_memory=args.kv_mb << 20 if args.kv_mb else None,
-                    shared_prefix=shared_prefix, enforce_eager=enforce_eager, max_model_len=args.max_model_len)
+                    shared_prefix=shared_prefix, enforce_eager=enforce_eager, max_model_len=args.max_model_len,
+                    fuse_projections=fuse_projections)
     params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     gen.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up (allocates the cache)
     seconds, outs, peak = timed(lambda: gen.generate(prompts, params), dev)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     static = gen._static
-    impl = "ours" if shared_prefix and not enforce_eager else "ours_noshare" if not shared_prefix else "ours_eager"
+    impl = ("ours_fused" if fuse_projections else "ours_noshare" if not shared_prefix
+            else "ours_eager" if enforce_eager else "ours")
+    refresh_s = None
+    if fuse_projections:  # what refreshing the concatenated copies costs after an optimizer step (in-place writes)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0)
+        sync(dev)
+        t0 = time.perf_counter()
+        gen.model.sync_fused_weights()
+        sync(dev)
+        refresh_s = time.perf_counter() - t0
     return dict(impl=impl, backend=gen.backend.name, seconds=seconds, output_tokens=tokens, peak_mb=peak,
+                fused_refresh_s=refresh_s,
                 shared_prefix=gen.shared_prefix, cuda_graphs=gen.use_cuda_graphs,
                 graphs_captured=static.num_graphs if static else 0,
                 graph_capture_s=static.capture_seconds if static else 0.0)
@@ -125,6 +139,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of every implementation; medians")
     p.add_argument("--compare-eager", action="store_true",
                    help="also run ours with enforce_eager=True (no static buffers / CUDA graphs)")
+    p.add_argument("--compare-fused-projections", action="store_true",
+                   help="also run ours with fuse_projections=True (one GEMM for q/k/v, one for gate/up, over "
+                        "concatenated weight copies) and time the copies' refresh")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the generator's max_model_len (default: the model's; a graph plans its decode for it)")
     p.add_argument("--out", default=None)
@@ -146,6 +163,8 @@ def main() -> None:
         runners.append(lambda: run_ours(model, prompts, args, dev, shared_prefix=False))
     if args.compare_eager:
         runners.append(lambda: run_ours(model, prompts, args, dev, enforce_eager=True))
+    if args.compare_fused_projections:
+        runners.append(lambda: run_ours(model, prompts, args, dev, fuse_projections=True))
     if not args.no_hf:
         runners.append(lambda: run_hf(model, prompts, args, dev))
     runs = [[] for _ in runners]
@@ -176,6 +195,10 @@ def main() -> None:
         print(f"static buffers + CUDA graphs / eager: "
               f"{by_impl['ours']['tokens_per_s'] / by_impl['ours_eager']['tokens_per_s']:.2f}x "
               f"({by_impl['ours']['graphs_captured']} graphs captured in {by_impl['ours']['graph_capture_s']:.2f} s)")
+    if "ours_fused" in by_impl:
+        print(f"fused q/k/v and gate/up projections / separate: "
+              f"{by_impl['ours_fused']['tokens_per_s'] / by_impl['ours']['tokens_per_s']:.2f}x; refreshing the "
+              f"copies after a weight update: {by_impl['ours_fused']['fused_refresh_s'] * 1e3:.2f} ms")
     if "ours_noshare" in by_impl:
         print(f"shared prefix on / off: {by_impl['ours']['tokens_per_s'] / by_impl['ours_noshare']['tokens_per_s']:.2f}x")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, in one device call (about 9 minutes on an H100): the sm_90 compile check, the
 # whole test suite on CUDA (the fused decode kernels, CUDA-graph replay vs eager, no host sync inside a replay), then
-# the kernel, launch-count, generation (static buffers + CUDA graphs vs eager; batch 1), decode host time,
+# the kernel, launch-count, generation (static buffers + CUDA graphs vs eager, fused q/k/v + gate/up projections vs
+# separate; batch 1), decode host time,
 # end-to-end GRPO (with the rollout/trainer log-prob gap) and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
 # JSON go to $OUT (or ./gpu_out), packed at the end into $OUT/gpu_checks.tgz (the device tool brings back at most 8
 # files; PACK=0 leaves them loose); each step has its own time limit so that one slow step cannot starve the rest.
@@ -37,8 +38,8 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
         pytest) step pytest 200 python3 -m pytest -q -n 8 -p no:cacheprovider -m "not slow" tests/kernels tests/engine ;;
         kernels) step kernels 150 python3 bench/bench_kernels.py --size gpu --rep-ms 100 --out "$OUT/kernels.json" ;;
         launches) step launches 60 python3 bench/count_launches.py --out "$OUT/launches.json" ;;
-        generate) step generate 150 python3 bench/bench_generate.py --compare-eager --max-model-len 1024 \
-                      --out "$OUT/generate.json" ;;
+        generate) step generate 200 python3 bench/bench_generate.py --compare-eager --compare-fused-projections \
+                      --max-model-len 1024 --out "$OUT/generate.json" ;;
         generate_b1) step generate_b1 90 python3 bench/bench_generate.py --prompts 1 --n 1 --max-tokens 512 \
                       --compare-eager --max-model-len 1024 --no-hf --out "$OUT/generate_b1.json" ;;
         decode_host) step decode_host 60 python3 bench/bench_decode_host.py --out "$OUT/decode_host.json" ;;

@@ -66,6 +66,9 @@ class Generator:
             block as the padded rows' scratch. A graph that fails to capture falls back to eager steps with a
             warning. Graphs read the parameters' storage, which optimizers and ``load_state_dict`` update in place;
             parameters replaced by new tensors (``model.to(...)``) are noticed and the graphs captured again.
+        fuse_projections: one GEMM for q/k/v and one for gate/up over concatenated copies of those weights, refreshed
+            in place when the trainer's weights change (``LlamaFamilyModel``); costs two thirds of the weights' memory
+            again. Off by default until measured on a GPU (``bench/bench_generate.py --compare-fused-projections``).
 
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.
@@ -74,8 +77,8 @@ class Generator:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, attention_backend: str | None = None,
                  max_num_batched_tokens: int | None = None, shared_prefix: bool = True,
-                 enforce_eager: bool | None = None):
-        self.model = LlamaFamilyModel(model)
+                 enforce_eager: bool | None = None, fuse_projections: bool = False):
+        self.model = LlamaFamilyModel(model, fuse_projections=fuse_projections)
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.max_model_len = max_model_len or self.model.max_position_embeddings

@@ -108,6 +108,7 @@ class StaticDecoder:
             tokens, logprobs = self._run(B, top_k, top_p, context_lens_list=rows.lens[:S].tolist() + [1] * (B - S))
             return tokens[:S], logprobs[:S]
         key = (B, top_k, top_p)
+        self.model.sync_fused_weights()  # outside the graph: the replay reads the copies' (unchanged) addresses
         params = self._param_ptrs()
         if params != self._captured_params:  # parameters replaced (not updated in place): the graphs read stale memory
             self.drop_graphs()

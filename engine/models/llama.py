@@ -48,6 +48,21 @@ def _linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
+def _bias_or_zeros(module: nn.Linear) -> torch.Tensor:
+    if module.bias is not None:
+        return module.bias
+    return torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device)
+
+
+def _concat_linear(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A copy of the modules' weights stacked along the output dim (``[sum out, in]``), and of their biases (zeros
+    for a module without one) or None when none has a bias: one GEMM computes all their outputs."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    has_bias = any(m.bias is not None for m in modules)
+    bias = torch.cat([_bias_or_zeros(m).detach() for m in modules]) if has_bias else None
+    return weight, bias
+
+
 def unsupported_reason(hf_model) -> str | None:
     """Why ``LlamaFamilyModel`` cannot run ``hf_model``, or ``None`` when it can."""
     config = getattr(hf_model, "config", None)
@@ -83,6 +98,11 @@ class LlamaFamilyModel:
     """Paged-KV inference forward over an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
     ``MistralForCausalLM`` (full attention), sharing its parameters (no copy).
 
+    ``fuse_projections=True`` trades memory for fewer GEMMs: a concatenated copy of each layer's q/k/v weights and
+    of its gate/up weights (about two thirds of the model's weight bytes again) turns five projections into two;
+    ``sync_fused_weights`` refreshes the copies, in place, whenever a source weight changed (checked at every forward
+    outside CUDA-graph capture). Whether it pays is measured by ``bench/bench_generate.py --compare-fused-projections``.
+
     Attributes: ``num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size, max_position_embeddings``
     (from the config), ``dtype, device`` (of the live embedding weight), ``scale`` (softmax scale, the HF attention
     module's ``scaling``: ``head_dim ** -0.5``), ``eps`` (``config.rms_norm_eps``).
@@ -90,7 +110,7 @@ class LlamaFamilyModel:
     Raises ``ValueError`` naming the reason when ``supports(hf_model)`` is false.
     """
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, *, fuse_projections: bool = False):
         reason = unsupported_reason(hf_model)
         if reason is not None:
             raise ValueError(f"LlamaFamilyModel cannot run this model: {reason}")
@@ -113,6 +133,44 @@ class LlamaFamilyModel:
         self.eps = config.rms_norm_eps
         self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self._silu = getattr(config, "hidden_act", None) == "silu"  # SwiGLU: the fused silu_and_mul applies
+        self.fuse_projections = fuse_projections
+        self._fused: list[dict[str, torch.Tensor | None]] = []
+        self._fused_versions: tuple | None = None
+
+    # ------------------------------------------------------------------------------------------- fused projections
+    def _projection_sources(self):
+        """Per layer, the ``(name, [linear modules])`` whose weights are concatenated: q/k/v and gate/up."""
+        for layer in self._layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            yield [("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])]
+
+    def sync_fused_weights(self) -> bool:
+        """With ``fuse_projections``: make the concatenated q/k/v and gate/up weight copies equal the HF modules'
+        weights, copying in place (the buffers keep their addresses, which a CUDA graph has captured) only when a
+        source tensor changed since the last sync: moved (``data_ptr``) or written in place (its ``_version``
+        counter, which optimizer steps and ``load_state_dict`` advance). Returns whether it copied. Host work: one
+        pass over the projection tensors; call it outside CUDA-graph capture (the forward does, when not capturing).
+        A no-op without ``fuse_projections``."""
+        if not self.fuse_projections:
+            return False
+        sources = [[m.weight for m in mods] + [m.bias for m in mods if m.bias is not None]
+                   for layer in self._projection_sources() for _, mods in layer]
+        versions = tuple((t.data_ptr(), t._version) for ts in sources for t in ts)
+        if versions == self._fused_versions:
+            return False
+        with torch.no_grad():
+            if not self._fused:
+                self._fused = [{name: _concat_linear(mods) for name, mods in layer}
+                               for layer in self._projection_sources()]
+            else:
+                for fused, layer in zip(self._fused, self._projection_sources()):
+                    for name, mods in layer:
+                        weight, bias = fused[name]
+                        torch.cat([m.weight for m in mods], out=weight)
+                        if bias is not None:
+                            torch.cat([_bias_or_zeros(m) for m in mods], out=bias)
+        self._fused_versions = versions
+        return True
 
     @staticmethod
     def supports(hf_model) -> bool:
@@ -163,14 +221,25 @@ class LlamaFamilyModel:
         # each layer's input norm is fused with the residual add that ends the previous layer; the last add with the
         # final norm
         norm_weights = [layer.input_layernorm.weight for layer in self._layers] + [self._norm.weight]
+        if self.fuse_projections:
+            if not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self.sync_fused_weights()
+            elif not self._fused:  # under capture the caller syncs before every replay (StaticDecoder.step)
+                raise RuntimeError("sync_fused_weights() must run before a CUDA graph captures the forward")
         h = F.embedding(input_ids, self._embed.weight)
         cos, sin = self.rope(positions, h.dtype)
         x = rms_norm(h, norm_weights[0], eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self._layers, kv_caches)):
             attn, mlp = layer.self_attn, layer.mlp
-            q = _linear(x, attn.q_proj).view(N, H, D)
-            k = _linear(x, attn.k_proj).view(N, H_kv, D)
-            v = _linear(x, attn.v_proj).view(N, H_kv, D)
+            if self.fuse_projections:  # one GEMM; q, k, v are column views of its output
+                qkv = F.linear(x, *self._fused[i]["qkv"])
+                q = qkv[:, :H * D].view(N, H, D)
+                k = qkv[:, H * D:(H + H_kv) * D].view(N, H_kv, D)
+                v = qkv[:, (H + H_kv) * D:].view(N, H_kv, D)
+            else:
+                q = _linear(x, attn.q_proj).view(N, H, D)
+                k = _linear(x, attn.k_proj).view(N, H_kv, D)
+                v = _linear(x, attn.v_proj).view(N, H_kv, D)
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
                 q = rms_norm(q, attn.q_norm.weight, eps)
                 k = rms_norm(k, attn.k_norm.weight, eps)
@@ -182,7 +251,12 @@ class LlamaFamilyModel:
                 o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
             x, h = fused_add_rms_norm(_linear(o.reshape(N, H * D), attn.o_proj), h,
                                       layer.post_attention_layernorm.weight, eps)
-            gate, up = _linear(x, mlp.gate_proj), _linear(x, mlp.up_proj)
+            if self.fuse_projections:
+                gate_up = F.linear(x, *self._fused[i]["gate_up"])
+                inter = gate_up.shape[1] // 2
+                gate, up = gate_up[:, :inter], gate_up[:, inter:]
+            else:
+                gate, up = _linear(x, mlp.gate_proj), _linear(x, mlp.up_proj)
             act = silu_and_mul(gate, up) if self._silu else mlp.act_fn(gate) * up
             x, h = fused_add_rms_norm(_linear(act, mlp.down_proj), h, norm_weights[i + 1], eps)
         return x

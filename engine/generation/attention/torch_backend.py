@@ -167,7 +167,7 @@ class TorchAttention(AttentionBackend):
         v = self._gather("v", v_cache, table).view(S, n_blocks * bs, H_kv, D).transpose(1, 2).to(q.dtype)
         keep = torch.arange(n_blocks * bs, device=q.device)[None, :] < lens[:, None]
         mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-        o, lse = _FLASH_CPU(q.view(S, H_kv, H // H_kv, D), k, v, 0.0, False, attn_mask=mask[:, None, None, :],
+        o, lse = _FLASH_CPU(q.reshape(S, H_kv, H // H_kv, D), k, v, 0.0, False, attn_mask=mask[:, None, None, :],
                             scale=scale)
         acc = torch.promote_types(q.dtype, torch.float32)  # merge precision: float32, or float64 inputs' own
         return o.to(acc), lse.to(acc)

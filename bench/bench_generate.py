@@ -76,7 +76,7 @@ def run_ours(model, prompts, args, dev, shared_prefix: bool = True, enforce_eage
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     static = gen._static
     impl = ("ours_fused" if fuse_projections else "ours_noshare" if not shared_prefix
-            else "ours_eager" if enforce_eager else "ours")
+            else "ours_eager" if enforce_eager and not args.enforce_eager else "ours")
     refresh_s = None
     if fuse_projections:  # what refreshing the concatenated copies costs after an optimizer step (in-place writes)
         with torch.no_grad():
@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--compare-shared-prefix", action="store_true",
                    help="also run ours with shared_prefix=False (the prompt's K/V read once per sample)")
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of every implementation; medians")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run ours with enforce_eager=True (no CUDA graphs: the path the shared-prefix kernel runs on)")
     p.add_argument("--compare-eager", action="store_true",
                    help="also run ours with enforce_eager=True (no static buffers / CUDA graphs)")
     p.add_argument("--compare-fused-projections", action="store_true",
@@ -158,9 +160,10 @@ def main() -> None:
     print(f"device: {info['device']} | torch {info['torch']} | model {args.model} {args.dtype} | "
           f"{args.prompts} prompts x n={args.n}, prompt {args.prompt_len}, {args.max_tokens} new tokens | "
           f"copy bandwidth {bandwidth:.1f} GB/s")
-    runners = [lambda: run_ours(model, prompts, args, dev)]
+    eager = True if args.enforce_eager else None
+    runners = [lambda: run_ours(model, prompts, args, dev, enforce_eager=eager)]
     if args.compare_shared_prefix:
-        runners.append(lambda: run_ours(model, prompts, args, dev, shared_prefix=False))
+        runners.append(lambda: run_ours(model, prompts, args, dev, shared_prefix=False, enforce_eager=eager))
     if args.compare_eager:
         runners.append(lambda: run_ours(model, prompts, args, dev, enforce_eager=True))
     if args.compare_fused_projections:

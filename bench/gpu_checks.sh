@@ -2,7 +2,7 @@
 # Every GPU check the project owes, in one device call (about 9 minutes on an H100): the sm_90 compile check, the
 # whole test suite on CUDA (the fused decode kernels, CUDA-graph replay vs eager, no host sync inside a replay), then
 # the kernel, launch-count, generation (static buffers + CUDA graphs vs eager, fused q/k/v + gate/up projections vs
-# separate; batch 1), decode host time,
+# separate; batch 1; G = 16 with 1,024-token prompts, shared prefix on/off), decode host time,
 # end-to-end GRPO (with the rollout/trainer log-prob gap) and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
 # JSON go to $OUT (or ./gpu_out), packed at the end into $OUT/gpu_checks.tgz (the device tool brings back at most 8
 # files; PACK=0 leaves them loose); each step has its own time limit so that one slow step cannot starve the rest.
@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-STEPS=${STEPS:-"env compile pytest kernels launches generate generate_b1 decode_host e2e rlhf"}
+STEPS=${STEPS:-"env compile pytest kernels launches generate generate_b1 shared_prefix decode_host e2e rlhf"}
 # The HH data lives beside the checkout (../shared), which does not travel to the GPU box: copy it into an ignored
 # folder of the checkout and point HH_DATA at it there.
 HH_DATA=${HH_DATA:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}
@@ -42,6 +42,9 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
                       --max-model-len 1024 --out "$OUT/generate.json" ;;
         generate_b1) step generate_b1 90 python3 bench/bench_generate.py --prompts 1 --n 1 --max-tokens 512 \
                       --compare-eager --max-model-len 1024 --no-hf --out "$OUT/generate_b1.json" ;;
+        shared_prefix) step shared_prefix 120 python3 bench/bench_generate.py --prompts 4 --n 16 --prompt-len 1024 \
+                      --max-tokens 256 --max-model-len 2048 --compare-shared-prefix --enforce-eager --no-hf \
+                      --out "$OUT/shared_prefix.json" ;;
         decode_host) step decode_host 60 python3 bench/bench_decode_host.py --out "$OUT/decode_host.json" ;;
         e2e) step e2e 120 python3 bench/bench_e2e.py --steps 3 --out "$OUT/e2e.json" ;;
         rlhf) step rlhf 300 python3 bench/bench_rlhf.py --data "$HH_DATA" --out "$OUT/rlhf.json" ;;

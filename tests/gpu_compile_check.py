@@ -72,7 +72,7 @@ TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, 32-thread warps
 DEVICE_FUNCTIONS = {
     "_math._log1p", "_math._logsigmoid", "_math._sigmoid",
     "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean", "sampling._fmix32",
-    "rope_cache._rope_pair",
+    "rope_cache._rope_pair", "attention.triton_backend._merge_part",
 }
 
 
@@ -406,13 +406,14 @@ def attention_variants(V) -> list[Variant]:
         t = tb.decode_tiles(G, D, torch_dtype[c_dt], interpret=False)
         o_dt, lse_dt = ("fp32", "fp32") if splits else (q_dt, q_dt)  # one split: the output doubles as both
         sig = {"O": p(o_dt), "LSE": p(lse_dt), "Q": p(q_dt), "K_CACHE": p(c_dt), "V_CACHE": p(c_dt),
-               "BLOCK_TABLES": "*i32", "CONTEXT_LENS": "*i32", "scale_log2": "fp32", "D": "i32", "split_len": "i32",
+               "BLOCK_TABLES": "*i32", "CONTEXT_LENS": "*i32", "START_BLOCKS": "*i32",  # context_lens as a dummy
+               "scale_log2": "fp32", "D": "i32", "split_len": "i32",
                "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32", "stride_kh": "i32",
                "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_bts": "i32",
                "stride_os": "i32", "stride_oh": "i32", "stride_oc": "i32", "stride_ls": "i32", "stride_lh": "i32"}
         const = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "BLOCK_SIZE": bs,
                  "BLOCK_N": t.block_n, "BLOCK_H": t.block_h, "BLOCK_D": t.block_d, "IS_DOT": t.is_dot,
-                 "IS_DOT_F32": c_dt == "fp32", "HAS_SPLITS": splits}
+                 "IS_DOT_F32": c_dt == "fp32", "HAS_SPLITS": splits, "HAS_START": False}
         for arg, val in (("G", G), ("n_hblocks", -(-G // t.block_h))):  # 1 is a constexpr at launch
             (const if val == 1 else sig)[arg] = val if val == 1 else "i32"
         rows.append(Variant("attention.triton_backend._paged_decode_split_kernel",
@@ -425,6 +426,73 @@ def attention_variants(V) -> list[Variant]:
                "stride_pc": "i32", "stride_ls": "i32", "stride_lh": "i32"}
         rows.append(Variant("attention.triton_backend._paged_decode_reduce_kernel", f"D={D} out={dt}", sig,
                             {"stride_outd": 1, "BLOCK_D": block_d}, num_warps=1 if block_d <= 64 else 2))
+    return rows + cascade_variants(V)
+
+
+def cascade_variants(V) -> list[Variant]:
+    """Shared-prefix (cascade) decode (``shared_prefix_decode_attention``): the suffix pass of the split kernel
+    (``HAS_START``, float32 scratch, ``stride_lh = 1`` when one split covers the longest context), the prefix kernel
+    with the tiles ``prefix_tiles`` picks for ``M`` members x ``G`` query heads, and the merge kernel."""
+    tb = V.attention.triton_backend
+    torch_dtype = {"fp32": V.torch.float32, "bf16": V.torch.bfloat16, "fp16": V.torch.float16}
+    rows = []
+    # suffix: (G, D, block size, q dtype, cache dtype, one split)
+    for G, D, bs, q_dt, c_dt, one in [(1, 128, 16, "bf16", "bf16", True), (7, 128, 16, "bf16", "bf16", False),
+                                      (2, 64, 1, "fp16", "fp16", False), (4, 256, 16, "fp32", "fp32", True),
+                                      (8, 80, 3, "fp32", "bf16", False)]:
+        t = tb.decode_tiles(G, D, torch_dtype[c_dt], interpret=False)
+        sig = {"O": "*fp32", "LSE": "*fp32", "Q": p(q_dt), "K_CACHE": p(c_dt), "V_CACHE": p(c_dt),
+               "BLOCK_TABLES": "*i32", "CONTEXT_LENS": "*i32", "START_BLOCKS": "*i64", "scale_log2": "fp32",
+               "D": "i32", "split_len": "i32", "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32",
+               "stride_kt": "i32", "stride_kh": "i32", "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32",
+               "stride_bts": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_oc": "i32", "stride_ls": "i32"}
+        const = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "BLOCK_SIZE": bs,
+                 "BLOCK_N": t.block_n, "BLOCK_H": t.block_h, "BLOCK_D": t.block_d, "IS_DOT": t.is_dot,
+                 "IS_DOT_F32": c_dt == "fp32", "HAS_SPLITS": True, "HAS_START": True}
+        (const if one else sig)["stride_lh"] = 1 if one else "i32"
+        for arg, val in (("G", G), ("n_hblocks", -(-G // t.block_h))):
+            (const if val == 1 else sig)[arg] = val if val == 1 else "i32"
+        rows.append(Variant("attention.triton_backend._paged_decode_split_kernel",
+                            f"suffix G={G} D={D} block={bs} q={q_dt} cache={c_dt} one_split={one} dot={t.is_dot}",
+                            sig, const, num_warps=t.num_warps))
+    # prefix: (G, members M, D, block size, q dtype, cache dtype, one prefix split, one-block prefixes)
+    # M x G rows: 8 -> 16 padded, 56 (Qwen2.5-7B's G=7, 8 samples) -> 64, 128 -> two programs of 64
+    for G, M, D, bs, q_dt, c_dt, one, b1 in [
+            (1, 8, 128, 16, "bf16", "bf16", True, False), (7, 8, 128, 16, "bf16", "bf16", False, False),
+            (8, 16, 64, 16, "fp16", "fp16", False, False), (4, 16, 128, 16, "bf16", "bf16", True, True),
+            (2, 4, 256, 16, "bf16", "bf16", False, False), (7, 5, 80, 1, "fp32", "bf16", False, False),
+            (4, 16, 128, 16, "fp32", "fp32", False, False), (1, 2, 64, 3, "fp32", "fp32", True, True),
+            (16, 4, 256, 16, "fp32", "fp32", False, False), (2, 16, 256, 256, "fp16", "fp16", True, False)]:
+        t = tb.prefix_tiles(M * G, D, torch_dtype[c_dt], interpret=False)
+        sig = {"O": "*fp32", "LSE": "*fp32", "Q": p(q_dt), "K_CACHE": p(c_dt), "V_CACHE": p(c_dt),
+               "GROUP_ROWS": "*i64", "GROUP_VALID": "*u8", "GROUP_BLOCKS": "*i64", "GROUP_NUM_BLOCKS": "*i64",
+               "scale_log2": "fp32", "D": "i32", "M": "i32", "split_len": "i32", "stride_qs": "i32",
+               "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vb": "i32",
+               "stride_vt": "i32", "stride_vh": "i32", "stride_gr": "i32", "stride_gv": "i32", "stride_os": "i32",
+               "stride_oh": "i32", "stride_oc": "i32", "stride_ls": "i32"}
+        const = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "BLOCK_SIZE": bs,
+                 "BLOCK_N": t.block_n, "BLOCK_R": t.block_r, "BLOCK_D": t.block_d, "IS_DOT_F32": c_dt == "fp32"}
+        for arg, val in (("G", G), ("n_rblocks", -(-(M * G) // t.block_r)), ("stride_lh", 1 if one else 2),
+                         ("stride_gb", 1 if b1 else 2)):  # 1 is a constexpr at launch
+            (const if val == 1 else sig)[arg] = val if val == 1 else "i32"
+        rows.append(Variant("attention.triton_backend._shared_prefix_kernel",
+                            f"G={G} M={M} D={D} block={bs} q={q_dt} cache={c_dt} one_split={one} one_block={b1} "
+                            f"BLOCK_R={t.block_r} BLOCK_N={t.block_n}", sig, const, num_warps=t.num_warps))
+    # merge: (D, out dtype, one prefix split, one suffix split)
+    for D, dt, one_p, one_s in [(128, "bf16", True, True), (64, "fp16", False, False), (256, "fp32", True, False),
+                                (80, "bf16", False, True)]:
+        block_d = max(16, V.triton.next_power_of_2(D))
+        sig = {"OUT": p(dt), "O_PREFIX": "*fp32", "LSE_PREFIX": "*fp32", "O_SUFFIX": "*fp32", "LSE_SUFFIX": "*fp32",
+               "CONTEXT_LENS": "*i32", "START_BLOCKS": "*i64", "D": "i32", "prefix_split_len": "i32",
+               "split_len": "i32", "stride_outs": "i32", "stride_outh": "i32", "stride_pos": "i32",
+               "stride_poh": "i32", "stride_poc": "i32", "stride_pls": "i32", "stride_sos": "i32",
+               "stride_soh": "i32", "stride_soc": "i32", "stride_sls": "i32"}
+        const = {"stride_outd": 1, "BLOCK_SIZE": 16, "BLOCK_D": block_d}
+        for arg, one in (("stride_plh", one_p), ("stride_slh", one_s)):
+            (const if one else sig)[arg] = 1 if one else "i32"
+        rows.append(Variant("attention.triton_backend._cascade_merge_kernel",
+                            f"D={D} out={dt} one_prefix_split={one_p} one_suffix_split={one_s}", sig, const,
+                            num_warps=1 if block_d <= 64 else 2))
     return rows
 
 

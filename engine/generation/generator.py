@@ -57,8 +57,8 @@ class Generator:
         attention_backend: ``"torch"``, ``"triton"``, ``"flash_attn"`` or None/``"auto"`` (best available).
         max_num_batched_tokens: most prompt tokens in one prefill step (default 8192 or ``max_model_len``).
         shared_prefix: decode attention reads each prompt's shared KV blocks once for all its samples (cascade
-            attention) where the backend supports it (the torch backend on the CPU, eager rows path); False reads
-            them once per sample. The results agree to rounding.
+            attention) on the eager rows path, where the backend supports it (Triton; the torch backend on the CPU);
+            False reads them once per sample. The results agree to rounding.
         enforce_eager: how decode steps run (``engine.generation.graph_decoder``). None (default): on CUDA with a
             graph-safe backend (``triton``), static buffers padded to a bucket size and one CUDA graph per bucket,
             replayed every step; elsewhere, eager steps on the running rows. True: eager steps everywhere (vLLM's flag). False: the static buffers
@@ -99,9 +99,10 @@ class Generator:
         graph_safe = self.backend.graph_safe and self.model.dtype != torch.float64
         self.static_decode = (on_cuda and graph_safe and enforce_eager is None) or enforce_eager is False
         self.use_cuda_graphs = self.static_decode and on_cuda
-        # the cascade exists in the torch backend's CPU decode, on the eager rows path
+        # the cascade runs on the eager rows path (a graph would need padded group shapes per bucket), in the Triton
+        # backend and in the torch backend's CPU decode (its CUDA decode ignores the groups)
         self.shared_prefix = (shared_prefix and getattr(self.backend, "supports_prefix_groups", False)
-                              and not on_cuda and not self.static_decode)
+                              and not self.static_decode and not (on_cuda and self.backend.name == "torch"))
         self._static: StaticDecoder | None = None
         self.kv_cache_memory = kv_cache_memory
         self.kv_cache: KVCache | None = None

@@ -87,6 +87,9 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self._captured_params: tuple[int, ...] | None = None
+        self.plan_for_max_len = use_graphs
+        """Tell the kernels every context may be ``max_model_len`` long (what a captured graph must plan for); on
+        eager steps False plans for the real lengths. Tests set it on the CPU to run what a graph would replay."""
         self.capture_seconds = 0.0
         """Total time spent capturing graphs (a one-off per bucket and sampling mode)."""
 
@@ -105,7 +108,9 @@ class StaticDecoder:
         top_k = bool((rows.top_k[:S] > 0).any())
         top_p = bool((rows.top_p[:S] < 1).any())
         if not self.use_graphs:
-            tokens, logprobs = self._run(B, top_k, top_p, context_lens_list=rows.lens[:S].tolist() + [1] * (B - S))
+            lens_list = ([self.max_model_len] * B if self.plan_for_max_len
+                         else rows.lens[:S].tolist() + [1] * (B - S))
+            tokens, logprobs = self._run(B, top_k, top_p, context_lens_list=lens_list)
             return tokens[:S], logprobs[:S]
         key = (B, top_k, top_p)
         self.model.sync_fused_weights()  # outside the graph: the replay reads the copies' (unchanged) addresses

@@ -221,3 +221,25 @@ def test_a_prefill_that_raises_after_forking_leaks_no_block(monkeypatch):
     with pytest.raises(RuntimeError, match="the draw failed"):
         gen.generate([list(range(3, 14))], SamplingParams(n=3, max_tokens=4))
     assert gen.block_manager.num_free_blocks == gen.block_manager.num_blocks
+
+
+def test_what_a_graph_replays_through_the_triton_backend_samples_what_eager_steps_sample(monkeypatch):
+    """The static buffers through the Triton decode kernel (interpreted on the CPU) with the kernels planned for
+    max_model_len, as a captured graph is, and the fused layer kernels forced to Triton: the same samples as eager
+    steps on the running rows."""
+    from kernels._backend import HAS_TRITON, interpreting
+
+    if not (HAS_TRITON and (torch.cuda.is_available() or interpreting())):
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "triton")
+    model = small_qwen2()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4, 5], [20, 21, 22, 23, 24]]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=8)
+    outs = {}
+    for eager in (True, False):
+        gen = Generator(model, block_size=4, attention_backend="triton", max_model_len=64, enforce_eager=eager)
+        if not eager:
+            gen._ensure_cache()
+            gen._static.plan_for_max_len = True
+        outs[eager] = gen.generate(prompts, params)
+    assert_same_samples(outs[False], outs[True])

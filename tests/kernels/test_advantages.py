@@ -101,8 +101,11 @@ def test_group_advantages_large_group_spans_chunks(backend, device, monkeypatch)
 def test_group_advantages_grpo_is_standardised_per_group(backend, device, G, num_groups, seed, unbiased):
     scores = randn(G * num_groups, dtype=torch.float32, device=device, seed=seed, scale=3.0)
     out = group_advantages(scores, G, unbiased_std=unbiased).reshape(num_groups, G).double()
-    assert out.mean(dim=1).abs().max() < 1e-5
     spread = scores.reshape(num_groups, G).double().std(dim=1, unbiased=unbiased)
+    # float32 centring loses |score| * 2**-24 per element, amplified by 1 / std: a group of close scores (a small
+    # spread) is ill-conditioned, so the bound scales with max|score| / std (hypothesis found 1.6e-5 at ~3x)
+    conditioning = (scores.reshape(num_groups, G).double().abs().amax(dim=1) / (spread + 1e-6)).clamp(min=1.0)
+    assert (out.mean(dim=1).abs() <= 1e-5 * conditioning).all()
     expected_std = spread / (spread + 1e-6)  # 1 up to epsilon
     assert torch.allclose(out.std(dim=1, unbiased=unbiased), expected_std, rtol=1e-4, atol=1e-5)
     rloo = group_advantages(scores, G, estimator="rloo").reshape(num_groups, G).double()

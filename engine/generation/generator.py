@@ -276,7 +276,8 @@ class Generator:
 
     def _prefix_groups(self, rows) -> PrefixGroups | None:
         """The shared-prefix groups of the running rows, rebuilt only when the rows changed (the groups' shared blocks
-        never change while they run), used only while they save at least half of the step's block reads."""
+        never change while they run), used only while they save at least ``PREFIX_MIN_SAVING`` of the step's block
+        reads."""
         if self._prefix_cache is None or self._prefix_cache[0] != rows.version:
             n = rows.size
             tables = [rows.block_tables[r, :rows.num_blocks[r]].tolist() for r in range(n)]

@@ -133,6 +133,8 @@ class Generator:
         self.scheduler = Scheduler(BlockManager(num_blocks - scratch, self.block_size), max_num_seqs=self.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        if self._static is not None:  # its device rows are updated by what changed
+            self.scheduler.batch.track_changes()
         self._prefix_cache: tuple[int, PrefixGroups | None] | None = None
 
     def release_kv_cache(self) -> None:

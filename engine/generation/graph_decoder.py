@@ -11,7 +11,10 @@ forward, LM head, the draw) is captured once per bucket and replayed: one launch
 - The attention metadata of a captured step says ``max_model_len`` for every row's context length on the host side
   (the Triton decode kernel sizes its split grid from it once; the real lengths are read on the device).
 - Nothing in the step synchronises with the host: inputs are copied in before the replay, the sampled tokens and
-  log-probs are read back after it (one copy).
+  log-probs are read back after it (one copy). The copy in is O(changes): every row's last token and position in
+  one ``[2, B]`` transfer (the slots, context lengths and draw positions are derived from them on the device, inside
+  the graph), and the block tables and sampling settings of only the rows that changed (``RunningBatch.dirty``) or
+  became padding.
 - One graph per (bucket, sampling mode): top-k / top-p batches take the sort path, others the fused race sampler.
   Graphs share one memory pool. Capture is lazy, at a bucket's first use.
 
@@ -69,20 +72,25 @@ class StaticDecoder:
         self.block_size, self.max_model_len, self.scratch_block = block_size, max_model_len, scratch_block
         self.use_graphs = use_graphs
         B, dev = self.buckets[-1], model.device
-        self._bufs = {
-            "input_ids": torch.zeros(B, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(B, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.zeros(B, dtype=torch.int64, device=dev),
+        pin = dev.type == "cuda"  # page-locked staging: the copies in are asynchronous
+        # Every step: each row's last token and its position, one [2, B] copy; the slots, context lengths and draw
+        # positions are derived from them on the device, inside the graph.
+        self._step_in = torch.zeros(2, B, dtype=torch.int64, device=dev)
+        self._step_stage = torch.zeros(2, B, dtype=torch.int64, pin_memory=pin)
+        # Per row, rewritten only for the rows that changed (RunningBatch.take_dirty) or became padding.
+        self._rows = {
             "block_tables": torch.zeros(B, max_blocks, dtype=torch.int32, device=dev),
-            "context_lens": torch.ones(B, dtype=torch.int32, device=dev),
             "temperature": torch.ones(B, dtype=torch.float32, device=dev),
             "top_k": torch.zeros(B, dtype=torch.int64, device=dev),
             "top_p": torch.ones(B, dtype=torch.float32, device=dev),
             "seeds": torch.zeros(B, dtype=torch.int64, device=dev),
-            "draw_positions": torch.zeros(B, dtype=torch.int64, device=dev),
         }
-        pin = dev.type == "cuda"  # page-locked staging: the copies in are asynchronous
-        self._stage = {k: torch.empty_like(v, device="cpu", pin_memory=pin) for k, v in self._bufs.items()}
+        self._rows["block_tables"][:, 0] = scratch_block  # every row starts as padding
+        self._rows_stage = {k: torch.empty_like(v, device="cpu", pin_memory=pin) for k, v in self._rows.items()}
+        self._rows_incoming = {k: torch.empty_like(v) for k, v in self._rows.items()}
+        self._index_stage = torch.empty(B, dtype=torch.int64, pin_memory=pin)
+        self._index = torch.empty(B, dtype=torch.int64, device=dev)
+        self._real = np.zeros(B, dtype=bool)  # which device rows hold a sequence (the others: padding)
         self._cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
@@ -125,46 +133,55 @@ class StaticDecoder:
         return tokens[:S], logprobs[:S]
 
     def _load(self, rows: RunningBatch, S: int, B: int) -> None:
-        """Write the ``S`` rows, then ``B - S`` padding rows, into the staging buffers and copy them to the device."""
-        st, bs = self._stage, self.block_size
-        lens = rows.lens[:S]
-        pos = lens - 1
-        width = st["block_tables"].shape[1]
-        values = {
-            "input_ids": rows.tokens[:S],
-            "positions": pos,
-            "slot_mapping": rows.block_tables[np.arange(S), pos // bs].astype(np.int64) * bs + pos % bs,
-            "block_tables": rows.block_tables[:S, :width],
-            "context_lens": lens,
-            "temperature": rows.temperature[:S],
-            "top_k": rows.top_k[:S],
-            "top_p": rows.top_p[:S],
-            "seeds": rows.seeds[:S],
-            "draw_positions": lens,
-        }
-        pad = {"input_ids": 0, "positions": 0, "slot_mapping": self.scratch_block * bs, "context_lens": 1,
-               "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seeds": 0, "draw_positions": 0}
-        for name, value in values.items():
-            host = st[name].numpy()
-            host[:S] = value
-            if name == "block_tables":
-                host[S:B] = 0
-                host[S:B, 0] = self.scratch_block
-            else:
-                host[S:B] = pad[name]
-            self._bufs[name][:B].copy_(st[name][:B], non_blocking=True)
+        """Copy this step's inputs to the device: every row's last token and position (one ``[2, B]`` copy; padding
+        rows feed token 0 at position 0), and the block tables and sampling settings of the rows that changed since
+        the last step or just became padding (block table ``[scratch, 0, ...]``) -- O(changes), not O(rows)."""
+        step = self._step_stage.numpy()
+        step[0, :S] = rows.tokens[:S]
+        step[1, :S] = rows.lens[:S] - 1
+        step[:, S:B] = 0
+        self._step_in[:, :B].copy_(self._step_stage[:, :B], non_blocking=True)
+        changed = [r for r in rows.take_dirty() if r < S]
+        now_padding = (np.flatnonzero(self._real[S:B]) + S).tolist()  # rows that held a sequence before
+        k = len(changed) + len(now_padding)
+        if not k:
+            return
+        stage = {name: t.numpy() for name, t in self._rows_stage.items()}
+        width = stage["block_tables"].shape[1]
+        index = self._index_stage.numpy()
+        index[:k] = changed + now_padding
+        n = len(changed)
+        if n:
+            stage["block_tables"][:n] = rows.block_tables[changed, :width]
+            for name in ("temperature", "top_k", "top_p", "seeds"):
+                stage[name][:n] = getattr(rows, name)[changed]
+        stage["block_tables"][n:k] = 0
+        stage["block_tables"][n:k, 0] = self.scratch_block
+        for name, value in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("seeds", 0)):
+            stage[name][n:k] = value
+        self._index[:k].copy_(self._index_stage[:k], non_blocking=True)
+        for name, buf in self._rows.items():
+            incoming = self._rows_incoming[name][:k]
+            incoming.copy_(self._rows_stage[name][:k], non_blocking=True)
+            buf.index_copy_(0, self._index[:k], incoming)
+        self._real[changed] = True
+        self._real[now_padding] = False
 
     def _run(self, B: int, top_k: bool, top_p: bool, context_lens_list: list[int]):
-        """The step on the first ``B`` rows of the buffers: forward, LM head, draw. No host synchronisation."""
-        b = self._bufs
-        meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:B], block_tables=b["block_tables"][:B],
-                                 context_lens=b["context_lens"][:B], cu_seqlens_q=self._cu_seqlens[:B + 1],
+        """The step on the first ``B`` rows of the buffers: forward, LM head, draw. The slots, context lengths and
+        draw positions are derived from the positions on the device. No host synchronisation."""
+        ids, pos = self._step_in[0, :B], self._step_in[1, :B]
+        r, bs = self._rows, self.block_size
+        tables = r["block_tables"][:B]
+        block = tables.gather(1, (pos // bs)[:, None])[:, 0].long()
+        meta = AttentionMetadata(slot_mapping=block * bs + pos % bs, block_tables=tables,
+                                 context_lens=(pos + 1).to(torch.int32), cu_seqlens_q=self._cu_seqlens[:B + 1],
                                  query_lens_list=[1] * B, context_lens_list=context_lens_list,
-                                 block_size=self.block_size)
-        hidden = self.model.forward(b["input_ids"][:B], b["positions"][:B], self.kv_caches, meta, self.backend)
+                                 block_size=bs)
+        hidden = self.model.forward(ids, pos, self.kv_caches, meta, self.backend)
         logits = self.model.compute_logits(hidden)
-        return sample(logits, b["temperature"][:B], b["top_k"][:B] if top_k else None,
-                      b["top_p"][:B] if top_p else None, b["seeds"][:B], b["draw_positions"][:B])
+        return sample(logits, r["temperature"][:B], r["top_k"][:B] if top_k else None,
+                      r["top_p"][:B] if top_p else None, r["seeds"][:B], pos + 1)
 
     def _param_ptrs(self) -> tuple[int, ...]:
         """Where the model's parameters live: a graph replays reads of these addresses."""

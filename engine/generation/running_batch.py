@@ -46,6 +46,9 @@ class RunningBatch:
         self._row: dict[int, int] = {}
         self.version = 0
         """Bumped whenever rows are added, removed or moved: caches keyed on the row layout check it."""
+        self.dirty: set[int] | None = None
+        """With ``track_changes()``: the rows whose block table or sampling settings changed since ``take_dirty()``
+        (a device copy of the rows then updates those rows only)."""
         self.tokens = np.zeros(capacity, dtype=np.int64)  # the last token of each sequence, fed by the next decode
         self.lens = np.zeros(capacity, dtype=np.int64)  # tokens of each sequence, that last token included
         self.max_lens = np.zeros(capacity, dtype=np.int64)  # the length at which it ends ("length")
@@ -61,6 +64,17 @@ class RunningBatch:
     @property
     def size(self) -> int:
         return len(self.seqs)
+
+    def track_changes(self) -> None:
+        """Start recording changed rows in ``dirty`` (every current row counts as changed)."""
+        self.dirty = set(range(self.size))
+
+    def take_dirty(self) -> set[int]:
+        """The rows changed since the last call (empty without ``track_changes``); resets the record."""
+        if self.dirty is None:
+            return set()
+        taken, self.dirty = self.dirty, set()
+        return taken
 
     def __contains__(self, seq: Sequence) -> bool:
         return seq.seq_id in self._row
@@ -91,6 +105,8 @@ class RunningBatch:
         self.stop_on_eos[row] = not p.ignore_eos
         self.has_stop_ids[row] = bool(p.stop_token_ids)
         self.version += 1
+        if self.dirty is not None:
+            self.dirty.add(row)
 
     def remove(self, seq: Sequence) -> None:
         """Drop ``seq``'s row; the last row moves into its place. Raises ``KeyError`` when it has no row."""
@@ -104,6 +120,8 @@ class RunningBatch:
             self.block_tables[row] = self.block_tables[last]
             self.seqs[row], self.seq_ids[row] = moved, moved.seq_id
             self._row[moved.seq_id] = row
+            if self.dirty is not None:
+                self.dirty.add(row)
         self.seqs.pop()
         self.seq_ids.pop()
         self.version += 1
@@ -120,6 +138,8 @@ class RunningBatch:
         for row, block in grown:
             self.block_tables[row, self.num_blocks[row]] = block
             self.num_blocks[row] += 1
+            if self.dirty is not None:
+                self.dirty.add(row)
 
     def decode_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """``(input_ids [S], positions [S], meta)`` of a decode step: every row feeds its last token, at position

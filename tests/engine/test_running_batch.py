@@ -243,3 +243,33 @@ def test_what_a_graph_replays_through_the_triton_backend_samples_what_eager_step
             gen._static.plan_for_max_len = True
         outs[eager] = gen.generate(prompts, params)
     assert_same_samples(outs[False], outs[True])
+
+
+def test_the_device_rows_updated_by_changes_equal_the_host_rows(monkeypatch):
+    """After every static step of the crowded scenario (rows added, finished, moved, preempted, grown), the device
+    block tables and sampling settings updated row by row equal the host rows, and the padded rows of the bucket
+    point at the scratch block."""
+    from engine.generation.graph_decoder import StaticDecoder
+
+    checked = []
+    real = StaticDecoder.step
+
+    def checking_step(self, rows):
+        out = real(self, rows)
+        S, B = rows.size, self.bucket_for(rows.size)
+        width = self._rows["block_tables"].shape[1]
+        assert torch.equal(self._rows["block_tables"][:S], torch.from_numpy(rows.block_tables[:S, :width]))
+        assert torch.equal(self._rows["seeds"][:S], torch.from_numpy(rows.seeds[:S]))
+        assert torch.equal(self._rows["temperature"][:S], torch.from_numpy(rows.temperature[:S]))
+        assert (self._rows["block_tables"][S:B, 0] == self.scratch_block).all()
+        checked.append(S)
+        return out
+
+    monkeypatch.setattr(StaticDecoder, "step", checking_step)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 13, 8, 21, 3, 9)]
+    params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=30 + i)
+              for i, (n, t, m) in enumerate([(3, 1.0, 12), (2, 0.5, 4), (4, 1.0, 15), (1, 0.7, 9), (2, 1.0, 15),
+                                             (3, 1.0, 6)])]
+    crowded_run(small_qwen2(), prompts, params, enforce_eager=False)
+    assert len(set(checked)) >= 3  # the batch size moved through several buckets

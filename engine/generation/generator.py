@@ -68,7 +68,8 @@ class Generator:
             parameters replaced by new tensors (``model.to(...)``) are noticed and the graphs captured again.
         fuse_projections: one GEMM for q/k/v and one for gate/up over concatenated copies of those weights, refreshed
             in place when the trainer's weights change (``LlamaFamilyModel``); costs two thirds of the weights' memory
-            again. Off by default until measured on a GPU (``bench/bench_generate.py --compare-fused-projections``).
+            again. Off by default: 1.01x on the CPU; the GPU decision waits for its measurement
+            (``bench/bench_generate.py --compare-fused-projections``).
 
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.

@@ -61,8 +61,8 @@ class Generator:
             False reads them once per sample. The results agree to rounding.
         enforce_eager: how decode steps run (``engine.generation.graph_decoder``). None (default): on CUDA with a
             graph-safe backend (``triton``), static buffers padded to a bucket size and one CUDA graph per bucket,
-            replayed every step; elsewhere, eager steps on the running rows. True: eager steps everywhere (vLLM's flag). False: the static buffers
-            everywhere (on the CPU run eagerly: what a graph replays; for tests). The static path reserves one KV
+            replayed every step; elsewhere, eager steps on the running rows. True: eager steps everywhere (vLLM's
+            flag). False: the static buffers everywhere (on the CPU run eagerly: what a graph replays; for tests). The static path reserves one KV
             block as the padded rows' scratch. A graph that fails to capture falls back to eager steps with a
             warning. Graphs read the parameters' storage, which optimizers and ``load_state_dict`` update in place;
             parameters replaced by new tensors (``model.to(...)``) are noticed and the graphs captured again.

@@ -64,8 +64,9 @@ class Generator:
             replayed every step; elsewhere, eager steps on the running rows. True: eager steps everywhere (vLLM's
             flag). False: the static buffers everywhere (on the CPU run eagerly: what a graph replays; for tests).
             The static path reserves one KV block as the padded rows' scratch. A graph that fails to capture falls
-            back to eager steps with a warning. Graphs read the parameters' storage, which optimizers and ``load_state_dict`` update in place;
-            parameters replaced by new tensors (``model.to(...)``) are noticed and the graphs captured again.
+            back to eager steps with a warning. Graphs read the parameters' storage, which optimizers and
+            ``load_state_dict`` update in place; parameters replaced by new tensors (``model.to(...)``) are noticed
+            and the graphs captured again.
         fuse_projections: one GEMM for q/k/v and one for gate/up over concatenated copies of those weights, refreshed
             in place when the trainer's weights change (``LlamaFamilyModel``); costs two thirds of the weights' memory
             again. Off by default: 1.01x on the CPU; the GPU decision waits for its measurement

@@ -53,20 +53,14 @@ class MetricsLogger:
 
     def _truncate_from(self, step: int) -> None:
         """Keep the lines of steps ``<= step`` (the checkpoint covers them, step ``step`` included); none when ``step``
-        is 0 (a fresh run logs its own step-0 evaluation). A line cut short by a crash mid-write (not JSON) is
-        dropped. The file is replaced atomically (temporary file + rename): a crash here loses nothing."""
+        is 0 (a fresh run logs its own step-0 evaluation). The records are read by ``read_metrics`` (a last line cut
+        short by a crash mid-write is dropped). The file is replaced atomically (temporary file + rename): a crash
+        here loses nothing."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a torn last line, or blank
-            if step > 0 and isinstance(record, dict) and record.get("step", -1) <= step:
-                kept.append(line)
+        kept = [r for r in read_metrics(self.path.parent) if step > 0 and r.get("step", -1) <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -94,21 +94,15 @@ def nonfinite_tensors(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     return [floats[i][0] for i in bad]
 
 
-def _adamw_targets(optimizer: torch.optim.Optimizer):
-    """``(group, stepped tensor, its gradient, dtype the result is stored in)`` for every parameter with a gradient:
-    for ``MasterWeightAdamW`` the float32 master, the model parameter's gradient and the parameter's dtype."""
-    if isinstance(optimizer, MasterWeightAdamW):
-        masters = dict(zip(map(id, optimizer._masters), optimizer._model_params))
-        for group in optimizer.param_groups:
-            for m in group["params"]:
-                p = masters[id(m)]
-                if p.grad is not None:
-                    yield group, m, p.grad, p.dtype
-        return
+def _master_targets(optimizer: MasterWeightAdamW):
+    """``(group, float32 master, the model parameter's gradient, the parameter's dtype)`` for every parameter with a
+    gradient."""
+    masters = dict(zip(map(id, optimizer._masters), optimizer._model_params))
     for group in optimizer.param_groups:
-        for p in group["params"]:
+        for m in group["params"]:
+            p = masters[id(m)]
             if p.grad is not None:
-                yield group, p, p.grad, p.dtype
+                yield group, m, p.grad, p.dtype
 
 
 @torch.no_grad()
@@ -126,7 +120,7 @@ def update_would_overflow(optimizer: torch.optim.Optimizer) -> list[int]:
     if not isinstance(optimizer, MasterWeightAdamW):
         return []
     flags = []
-    for group, p, grad, dtype in _adamw_targets(optimizer):
+    for group, p, grad, dtype in _master_targets(optimizer):
         if dtype != torch.float16 or group.get("amsgrad") or group.get("maximize"):
             flags.append(None)
             continue

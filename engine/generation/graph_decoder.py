@@ -24,6 +24,7 @@ tests on the CPU.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -198,8 +199,6 @@ class StaticDecoder:
         A capture that fails (a host synchronisation inside the step, an unsupported op) raises
         ``GraphCaptureError`` naming the first error, after putting the caller's stream back, synchronising, and
         dropping every graph: ``torch.cuda.graph`` would otherwise leave the process on its capture stream."""
-        import time
-
         B, top_k, top_p = key
         t0 = time.perf_counter()
         lens_list = [self.max_model_len] * B  # the host-side size the kernels plan for: the longest possible

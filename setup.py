@@ -1,31 +1,20 @@
-"""Optional compiled extension (C++/CUDA in csrc/, bound with pybind11 through torch's cpp_extension).
+"""Packaging shim. The compiled extension (``csrc/``) is NOT built at install time, on purpose.
 
-The default install builds nothing and never imports torch here: under pip's build isolation that import would pull a
-multi-GB CUDA torch into the build environment. To build the extension:
+Building it here would need torch's headers inside pip's isolated build environment, where pip installs a torch of
+its own choosing (a multi-GB CUDA build) regardless of the torch the user installed. Instead ``kernels._extension``
+compiles ``csrc/cpu/*.cpp`` (and ``csrc/cuda/*.cu`` on a CUDA torch with nvcc) on first use against the torch that
+is already imported, with ``torch.utils.cpp_extension.load``, and caches the libraries (~15 s per source once on a
+2-core CPU; milliseconds to load afterwards). So ``pip install -e .`` and the README's install command work
+unchanged on any machine, with or without a compiler:
 
-    RLHF_ENGINE_BUILD_EXT=1 pip install --no-build-isolation -e .
+    python -m kernels           # build ahead of time (e.g. in an image) and report
+    RLHF_ENGINE_BUILD_EXT=0 ...            # never build or load it; every op uses Triton / PyTorch
+    RLHF_ENGINE_EXT_DIR=/path ...          # where the build cache lives (default ~/.cache/rlhf_engine/extensions)
 
-A missing extension is not an error at run time: ``kernels._backend.HAS_CSRC`` is False and every op uses its Triton
-kernel (CUDA) or PyTorch reference (CPU).
+The sources are read from the checkout, so the extension is available to editable installs (``pip install -e .``,
+the README's command); a non-editable wheel runs without it (``kernels.has_extension()`` is False).
 """
-
-import glob
-import os
 
 from setuptools import setup
 
-ext_modules, cmdclass = [], {}
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
-if os.environ.get("RLHF_ENGINE_BUILD_EXT", "0") == "1":
-    if not sources:
-        print("[rlhf-engine] RLHF_ENGINE_BUILD_EXT=1 but csrc/ has no sources yet: nothing to build")
-    else:
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-        has_cuda = CUDA_HOME is not None and any(s.endswith(".cu") for s in sources)
-        make = CUDAExtension if has_cuda else CppExtension
-        cpp_sources = sources if has_cuda else [s for s in sources if s.endswith(".cpp")]
-        ext_modules = [make("kernels._C", sources=cpp_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})]
-        cmdclass = {"build_ext": BuildExtension}
-
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check the project owes, in one device call (at most BUDGET_S = 500 s of steps): the sm_90 compile check, the
-# whole test suite on CUDA (the fused decode kernels, CUDA-graph replay vs eager, no host sync inside a replay), then
-# the kernel, launch-count, generation (static buffers + CUDA graphs vs eager, fused q/k/v + gate/up projections vs
-# separate; batch 1; G = 16 with 1,024-token prompts, shared prefix on/off), decode host time,
+# Every GPU check the project owes, in one device call (at most BUDGET_S = 500 s of steps): the sm_90 compile check,
+# the compiled extension's build with its CUDA kernels, the whole test suite on CUDA (the fused decode kernels,
+# CUDA-graph replay vs eager, no host sync inside a replay, the CUDA race_sample), then the kernel, launch-count,
+# generation (static buffers + CUDA graphs vs eager, fused q/k/v + gate/up projections vs separate; batch 1; G = 16
+# with 1,024-token prompts, shared prefix on/off), decode host time, the fused draw (eager vs Triton vs CUDA C++),
 # end-to-end GRPO (with the rollout/trainer log-prob gap) and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
 # JSON go to $OUT (or ./gpu_out), packed at the end into $OUT/gpu_checks.tgz (the device tool brings back at most 8
 # files; PACK=0 leaves them loose); each step has its own time limit so that one slow step cannot starve the rest.
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Most owed first: the suite, then the generator's numbers; what does not fit BUDGET_S (seconds, the device tool's
 # 10-minute command limit less a margin) is skipped and named in the summary, never cut mid-step.
-STEPS=${STEPS:-"env compile pytest launches generate generate_b1 shared_prefix decode_host e2e kernels rlhf"}
+STEPS=${STEPS:-"env compile ext pytest launches generate generate_b1 shared_prefix decode_host sampler e2e kernels rlhf"}
 BUDGET_S=${BUDGET_S:-500}
 # The HH data lives beside the checkout (../shared), which does not travel to the GPU box: copy it into an ignored
 # folder of the checkout and point HH_DATA at it there.
@@ -43,6 +44,7 @@ for s in $STEPS; do
              python3 -c "import torch, triton, transformers; \
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
         compile) step compile 60 python3 tests/gpu_compile_check.py ;;
+        ext) step ext 180 python3 -m kernels ;;  # the compiled extension, CUDA kernels included
         pytest) step pytest 240 python3 -m pytest -q -n 8 -p no:cacheprovider -m "not slow" tests/kernels tests/engine ;;
         kernels) step kernels 120 python3 bench/bench_kernels.py --size gpu --rep-ms 100 --out "$OUT/kernels.json" ;;
         launches) step launches 40 python3 bench/count_launches.py --out "$OUT/launches.json" ;;
@@ -54,6 +56,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
                       --max-tokens 256 --max-model-len 2048 --compare-shared-prefix --enforce-eager --no-hf \
                       --out "$OUT/shared_prefix.json" ;;
         decode_host) step decode_host 30 python3 bench/bench_decode_host.py --out "$OUT/decode_host.json" ;;
+        sampler) step sampler 60 python3 bench/bench_sampler.py --out "$OUT/sampler.json" ;;
         e2e) step e2e 60 python3 bench/bench_e2e.py --steps 3 --out "$OUT/e2e.json" ;;
         rlhf) step rlhf 300 python3 bench/bench_rlhf.py --data "$HH_DATA" --out "$OUT/rlhf.json" ;;
         *) echo "unknown step $s"; exit 2 ;;

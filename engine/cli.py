@@ -16,6 +16,7 @@ from pathlib import Path
 def _env(_args: argparse.Namespace) -> int:
     import kernels
 
+    kernels.has_extension()  # builds the compiled extension if it is not cached yet, so the report is the truth
     print(json.dumps(kernels.backend_report(), indent=2))
     return 0
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
     plot.set_defaults(fn=_plot)
-    sub.add_parser("env", help="print the active kernel backends, versions and device").set_defaults(fn=_env)
+    sub.add_parser("env", help="print the active kernel backends (building the compiled extension if needed), versions and device").set_defaults(fn=_env)
     bench = sub.add_parser("bench", help="run bench/bench_kernels.py (arguments are passed through)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)

@@ -1,7 +1,8 @@
 """rlhf-engine kernels: fused Triton kernels for RLHF losses, each with a float64-correct PyTorch reference.
 
 ``import kernels as K``. Every public function validates its inputs, then dispatches: CUDA tensors -> Triton, CPU
-tensors -> the reference (``RLHF_KERNELS_BACKEND=triton|cpp|torch`` forces one). All log-prob, ratio, KL and loss math
+tensors -> the compiled C++ kernel where ``csrc/`` has one (built on first use; ``has_extension()``), else the
+reference (``RLHF_KERNELS_BACKEND=triton|cpp|torch`` forces one). All log-prob, ratio, KL and loss math
 runs in float32 whatever the input dtype (float64 inputs run the float64 reference). Besides the RLHF losses, the
 generator's fused layer ops live here (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``, ``rope_and_cache``):
 they return the model dtype, rounded where Hugging Face's modelling code rounds (``silu_and_mul``'s kernel: once).
@@ -13,6 +14,7 @@ a clear message when the other package shadows this one.
 """
 
 from kernels._backend import describe as backend_report
+from kernels._extension import has_extension
 from kernels.advantages import (
     ADVANTAGE_ESTIMATORS,
     group_advantages,
@@ -63,6 +65,7 @@ __all__ = [
     "gae_ref",
     "group_advantages",
     "group_advantages_ref",
+    "has_extension",
     "grpo_loss",
     "kl_penalty",
     "kl_penalty_ref",

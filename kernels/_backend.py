@@ -2,7 +2,8 @@
 
 Rules (DESIGN.md, "kernels/: one op, one file"):
 - CUDA tensors -> Triton;
-- CPU tensors -> the compiled extension where it has the op, else the PyTorch reference;
+- CPU tensors -> the compiled extension where it has the op (``kernels._extension``, built on first use), else the
+  PyTorch reference;
 - ``RLHF_KERNELS_BACKEND=triton|cpp|torch`` forces one. Tests force ``triton`` on the CPU together with
   ``TRITON_INTERPRET=1`` (which must be set before this package is imported: ``triton.jit`` reads it at decoration).
 
@@ -15,6 +16,8 @@ import os
 from types import SimpleNamespace
 
 import torch
+
+from kernels import _extension
 
 try:  # triton is optional: the CPU torch wheel does not pull it, and macOS has none.
     import triton
@@ -31,14 +34,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
     triton = SimpleNamespace(jit=_missing_jit, cdiv=lambda a, b: (a + b - 1) // b, next_power_of_2=None)
     tl = SimpleNamespace(constexpr=int)
-
-try:  # the optional compiled extension built by setup.py from csrc/ (RLHF_ENGINE_BUILD_EXT=1)
-    from kernels import _C  # type: ignore[attr-defined]
-
-    HAS_CSRC = True
-except ImportError:
-    _C = None
-    HAS_CSRC = False
 
 BACKENDS = ("triton", "cpp", "torch")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
@@ -59,26 +54,32 @@ def forced_backend() -> str | None:
     return name
 
 
-def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether ``op`` should run its Triton kernel on ``tensors`` (the first one decides the device).
+def select_backend(op: str, *tensors: torch.Tensor | None) -> str:
+    """Which implementation of ``op`` runs on ``tensors`` (the first one decides the device): ``"triton"``,
+    ``"cpp"`` (the compiled extension, ``kernels._extension``) or ``"torch"`` (the reference).
+
+    Default: float64 -> torch; CUDA -> triton; CPU -> cpp where the extension has the op (building it on first use),
+    else torch. ``RLHF_KERNELS_BACKEND`` overrides.
 
     Raises:
         RuntimeError: the backend is forced to ``triton`` but triton is not importable, or the inputs live on the CPU
-            without ``TRITON_INTERPRET=1``; or it is forced to ``cpp`` and the extension lacks ``op``.
+            without ``TRITON_INTERPRET=1``; or it is forced to ``cpp`` and the extension lacks ``op`` or the inputs
+            are not on the CPU.
     """
     first = next(t for t in tensors if t is not None)
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return False
+        return "torch"
     forced = forced_backend()
     if forced == "torch":
-        return False
+        return "torch"
     if forced == "cpp":
-        if not (HAS_CSRC and hasattr(_C, op)):
+        if not _extension.has_op(op, first.device.type):
             raise RuntimeError(
-                f"{ENV_VAR}=cpp but the compiled extension has no op {op!r} "
-                f"(built: {HAS_CSRC}); unset {ENV_VAR} to use the Triton/PyTorch paths"
-            )
-        raise RuntimeError(f"op {op!r}: the compiled extension path is not wired for this op yet")
+                f"{ENV_VAR}=cpp but the compiled extension has no {first.device.type} kernel for op {op!r} "
+                f"(enabled: {_extension.enabled()}, "
+                f"build errors: {_extension.extension_error() or 'none'}); unset {ENV_VAR} to use the "
+                "Triton/PyTorch paths")
+        return "cpp"
     if forced == "triton":
         if not HAS_TRITON:
             raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed (pip install triton)")
@@ -86,8 +87,21 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
             raise RuntimeError(
                 f"{ENV_VAR}=triton with CPU tensors needs TRITON_INTERPRET=1 set before `import kernels`"
             )
-        return True
-    return first.is_cuda and HAS_TRITON
+        return "triton"
+    if first.is_cuda:
+        return "triton" if HAS_TRITON else "torch"
+    if first.device.type == "cpu" and _extension.has_op(op):
+        return "cpp"
+    return "torch"
+
+
+def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``op`` (an op without a compiled CPU kernel) runs its Triton kernel on ``tensors``; raises as
+    :func:`select_backend` does, and when ``cpp`` is forced (this op has no compiled kernel)."""
+    backend = select_backend(op, *tensors)
+    if backend == "cpp":  # only reachable when forced: has_op(op) is False for these ops
+        raise RuntimeError(f"op {op!r}: the compiled extension path is not wired for this op")
+    return backend == "triton"
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -104,7 +118,7 @@ def describe() -> dict[str, object]:
         "triton": getattr(triton, "__version__", None) if HAS_TRITON else None,
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "compiled_extension": HAS_CSRC,
+        "compiled_extension": _extension.status(),
         "forced_backend": os.environ.get(ENV_VAR) or None,
         "triton_interpret": interpreting(),
     }

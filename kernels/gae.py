@@ -45,6 +45,8 @@ Masked inputs never leak: a NaN/inf reward or value at a masked token changes no
 any other token. The only outputs that read a masked token's own input are the ones documented above as holding it:
 veRL's return ``adv_t + V_t`` and the discounted return ``r_t + gamma * G_{t+1}`` *at that token*.
 
+On the CPU the compiled extension (``csrc/cpu/advantages.cpp``) runs the same sweep, rows in parallel.
+
 Why a kernel: the reference is a Python loop of T steps, 5-8 tiny launches each (tens of thousands of launches for a
 4k-token response); the kernel is one launch that keeps the state in registers and reads each input once.
 These are not differentiable: advantages and returns are constants of the loss (no autograd Function).
@@ -56,7 +58,8 @@ import numbers
 
 import torch
 
-from kernels._backend import compute_dtype, tl, triton, use_triton
+from kernels import _extension
+from kernels._backend import compute_dtype, select_backend, tl, triton
 from kernels._checks import check_mask, check_same_device, check_same_shape, check_tensor
 
 
@@ -266,8 +269,11 @@ def gae(token_level_rewards: torch.Tensor, values: torch.Tensor, response_mask: 
     lam = _check_unit_interval("lam", lam)
     skip_masked = bool(skip_masked)
     r, v = token_level_rewards.detach(), values.detach()
-    if use_triton("gae", r, v):
+    backend = select_backend("gae", r, v)
+    if backend == "triton":
         return _gae_fwd(r, v, response_mask, gamma, lam, skip_masked)
+    if backend == "cpp" and r.dtype == v.dtype:
+        return _extension.op("gae")(r, v, response_mask.bool(), gamma, lam, skip_masked)
     return gae_ref(r, v, response_mask, gamma, lam, skip_masked)
 
 
@@ -296,6 +302,9 @@ def discounted_returns(token_level_rewards: torch.Tensor, response_mask: torch.T
     check_same_device({"token_level_rewards": token_level_rewards, "response_mask": response_mask})
     gamma = _check_unit_interval("gamma", gamma)
     r = token_level_rewards.detach()
-    if use_triton("discounted_returns", r):
+    backend = select_backend("discounted_returns", r)
+    if backend == "triton":
         return _discounted_returns_fwd(r, response_mask, gamma)
+    if backend == "cpp":
+        return _extension.op("discounted_returns")(r, response_mask.bool(), gamma)
     return discounted_returns_ref(r, response_mask, gamma)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._backend import use_triton
+from kernels._backend import select_backend
 from kernels.sampling import race_sample
 
 __all__ = ["child_seed", "make_seed", "sample", "uniform_noise"]
@@ -120,7 +120,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
         token_ids: ``(S,)`` int64. logprobs: ``(S,)`` float32, see the module docstring.
 
     Pass None for ``top_k``/``top_p`` when no row uses it (a host-side decision on the ``SamplingParams``): only
-    then is the ``(S, V)`` sort skipped, and on CUDA the whole draw is one fused kernel (``kernels.race_sample``). No host synchronisation; ties in the greedy argmax go to the lowest id.
+    then is the ``(S, V)`` sort skipped, and the whole draw is one fused kernel (``kernels.race_sample``: Triton on CUDA, the compiled extension on the CPU). No host synchronisation; ties in the greedy argmax go to the lowest id.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (S, V), got shape {tuple(logits.shape)}")
@@ -130,8 +130,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
         if t is not None and tuple(t.shape) != (S,):
             raise ValueError(f"{name} must have shape ({S},) like logits' rows, got {tuple(t.shape)}")
     temperature = temperature.to(torch.float32)
-    if top_k is None and top_p is None and use_triton("race_sample", logits):
-        # one fused pass over the logits (kernels.sampling): the same function, without [S, V] temporaries
+    if top_k is None and top_p is None and select_backend("race_sample", logits) != "torch":
+        # one fused pass over the logits (kernels.sampling; Triton on CUDA, the compiled extension on the CPU): the
+        # same function, without [S, V] temporaries
         ka, kb = _row_keys(seeds.long(), positions.long())
         return race_sample(logits if logits.stride(1) == 1 else logits.contiguous(), temperature, ka, kb)
     logits = logits.float()

@@ -7,6 +7,8 @@ import torch
 from kernels.gae import discounted_returns, discounted_returns_ref, gae, gae_ref
 from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask
 
+CPP_OPS = ("gae", "discounted_returns")  # the backend fixture's "cpp" param runs these through csrc/cpu
+
 SHAPES = [(8, 64), (5, 37), (1, 1)]
 GAMMA_LAM = [(1.0, 1.0), (0.99, 0.95)]
 

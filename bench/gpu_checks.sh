@@ -40,7 +40,9 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NA
 
 for s in $STEPS; do
     case $s in
-        env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        env) python3 -c "import pydantic" 2>/dev/null || pip install --no-index --find-links .wheels pydantic \
+                 || echo "pydantic missing: run bench/fetch_gpu_wheels.sh here and carry .wheels"
+             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
              python3 -c "import torch, triton, transformers; \
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
         compile) step compile 60 python3 tests/gpu_compile_check.py ;;

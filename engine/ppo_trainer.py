@@ -14,9 +14,7 @@ names (``critic/vf_loss``, ``critic/advantages/mean``, ``actor/pg_clipfrac``, ``
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -82,7 +80,7 @@ class PPOTrainer(RolloutTrainer):
             self.reward_model, self.rm_tokenizer = load_reward_model(p.reward_model, self.device, dtype)
             self.rm_same_vocab = _same_vocab(self.rm_tokenizer, self.tokenizer)
         self.critic = self._build_critic(dtype)
-        critic_optim = dataclasses.replace(self.cfg.optim, lr=p.critic_lr)
+        critic_optim = self.cfg.optim.model_copy(update={"lr": p.critic_lr})
         self.critic_optimizer = make_optimizer(self.critic, critic_optim)
         self.critic_scheduler = make_scheduler(self.critic_optimizer, critic_optim, self.total_steps)
         self.state["kl_coef"] = p.kl_coef
@@ -166,8 +164,8 @@ class PPOTrainer(RolloutTrainer):
                                                kl_estimator=p.kl_estimator)
         advantages, returns = gae_advantages(token_rewards, values, mask, gamma=p.gamma, lam=p.lam,
                                              whiten=p.whiten_advantages)
-        update_cfg = SimpleNamespace(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
-        update_cfg.kl_coef = kl_coef if p.use_kl_loss else 0.0  # in the reward already, unless it is a loss term
+        # the KL is in the reward already, unless it is a loss term
+        update_cfg = p.model_copy(update={"kl_coef": kl_coef if p.use_kl_loss else 0.0})
         shuffle = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
         update = ppo_epochs(self.model, self.optimizer, self.critic, self.critic_optimizer, batch,
                             old_logprobs=old_lp, advantages=advantages, old_values=values, returns=returns,

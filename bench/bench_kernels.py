@@ -4,11 +4,17 @@ For each op and pass (fwd, fwd+bwd) it reports the median / p20 / p80 time in ms
 the effective bandwidth in GB/s (the bytes the op must move, formulas in BYTES below, divided by the median time), that
 bandwidth as % of a device-to-device copy, and the speedup over eager. Prints a table, writes JSON under bench/results/.
 
-    python bench/bench_kernels.py                          # CPU: small shapes; CUDA: production shapes
-    python bench/bench_kernels.py --no-compile --ops kl_penalty,gae --size cpu
+    python bench/bench_kernels.py                          # CPU: realistic CPU shapes; CUDA: production shapes
+    python bench/bench_kernels.py --no-compile --threads 1 --size cpu \
+        --ops logprobs_from_logits,entropy_from_logits,ppo_loss,gae,discounted_returns   # the compiled CPU kernels
+    python bench/bench_kernels.py --size smoke --no-compile                              # seconds: the script runs
 
-On the CPU "ours" dispatches to the PyTorch reference (Triton needs CUDA; interpreted Triton is never timed), so the
-CPU run is a smoke test of the script, not a performance claim.
+"ours" is the public op with its default dispatch (``kernels._backend.select_backend``; the ``backend`` column says
+which ran). On CUDA that is the Triton kernel; on the CPU it is the compiled extension (``csrc/cpu``, built on first
+use) for the ops it has, and the PyTorch reference for the others (interpreted Triton is never timed), whose CPU rows
+are then ours ~= eager. Ours and the reference run in the same process, one after the other, with the same threads.
+The CPU rule for the compiled kernels (README, "The compiled extension"): an op's kernel stays in dispatch only if it
+is >= 3x faster than the eager reference (fwd+bwd for differentiable ops); the summary prints each ratio.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import platform
 import re
 import sys
@@ -66,8 +73,11 @@ BYTES: dict[str, tuple[str, Callable]] = {
 }
 
 # Shapes: N x V logits (bf16), B x T per-token tensors (float32, as trainers pass log-probs), S scores, P pairs.
+# "cpu" also times the logits ops at a Qwen-size vocabulary (N_big x V_big, ~the element count of N x V: the eager
+# reference takes seconds per call there on one core); "gpu" has that V already.
 SIZES = {
-    "cpu": dict(N=256, V=4096, B=64, T=256, S=512, P=256),
+    "smoke": dict(N=256, V=4096, B=64, T=256, S=512, P=256),
+    "cpu": dict(N=2048, V=32768, N_big=512, V_big=151936, B=64, T=1024, S=512, P=256),
     "gpu": dict(N=16384, V=151936, B=512, T=4096, S=8192, P=4096),
 }
 # torch.compile of a reference that loops over T in Python (gae_ref) unrolls the loop: T=256 already takes ~2 min of
@@ -91,13 +101,15 @@ def _randn(s: dict, dev: str) -> torch.Tensor:
     return torch.randn(s["B"], s["T"], device=dev)
 
 
-def _logprobs(s, dev):
-    labels = torch.randint(0, s["V"], (s["N"],), device=dev)
-    return (torch.randn(s["N"], s["V"], device=dev, dtype=torch.bfloat16), labels), {}
+def _logprobs(s, dev, big=False):
+    N, V = (s["N_big"], s["V_big"]) if big else (s["N"], s["V"])
+    labels = torch.randint(0, V, (N,), device=dev)
+    return (torch.randn(N, V, device=dev, dtype=torch.bfloat16), labels), {}
 
 
-def _entropy(s, dev):
-    return (torch.randn(s["N"], s["V"], device=dev, dtype=torch.bfloat16),), {}
+def _entropy(s, dev, big=False):
+    N, V = (s["N_big"], s["V_big"]) if big else (s["N"], s["V"])
+    return (torch.randn(N, V, device=dev, dtype=torch.bfloat16),), {}
 
 
 def _kl(s, dev):
@@ -145,6 +157,7 @@ class Case:
     grad: tuple[int, ...] = ()  # positions of the args to differentiate; () = forward only
     tag: str = ""  # extra shape information for the table
     loop_over_T: bool = False  # the reference loops over T in Python (compile unrolls it)
+    requires: tuple[str, ...] = ()  # size keys the case needs; a size set without them skips the case
 
     def load(self) -> tuple[Callable, Callable]:
         """(ours, reference); raises whatever a module that is still being written raises."""
@@ -154,7 +167,11 @@ class Case:
 
 CASES = [
     Case("logprobs_from_logits", "logprobs", _logprobs, grad=(0,)),
+    Case("logprobs_from_logits", "logprobs", lambda s, dev: _logprobs(s, dev, big=True), grad=(0,),
+         requires=("N_big", "V_big")),
     Case("entropy_from_logits", "logprobs", _entropy, grad=(0,)),
+    Case("entropy_from_logits", "logprobs", lambda s, dev: _entropy(s, dev, big=True), grad=(0,),
+         requires=("N_big", "V_big")),
     Case("kl_penalty", "kl", _kl, grad=(0,), tag="k3"),
     Case("ppo_loss", "ppo_loss", _ppo, grad=(0,), tag="kl=k3"),
     Case("value_loss", "value_loss", _value, grad=(0,)),
@@ -171,7 +188,8 @@ CASES = [
 # ------------------------------------------------------------------------------------------------------------ timing
 def bench(fn: Callable, dev: str, reps: int, rep_ms: int) -> tuple[float, float, float]:
     """(median, p20, p80) in ms. CUDA: triton.testing.do_bench (L2 flushed per rep, at least ~10 reps);
-    CPU: time.perf_counter over `reps` calls (fewer if one call is slow), after 3 warm-up calls."""
+    CPU: time.perf_counter over `reps` calls (fewer if one call is slow: about 1 s per row, at least 5 calls), after
+    3 warm-up calls (1 when a call takes over 0.5 s)."""
     if dev == "cuda":
         import triton.testing
 
@@ -183,11 +201,12 @@ def bench(fn: Callable, dev: str, reps: int, rep_ms: int) -> tuple[float, float,
         est_ms = (time.perf_counter() - t0) * 1e3
         return tuple(triton.testing.do_bench(fn, warmup=25, rep=max(rep_ms, int(10 * est_ms) + 1),
                                              quantiles=[0.5, 0.2, 0.8]))
-    for _ in range(3):
-        fn()
+    fn()
     t0 = time.perf_counter()
     fn()
     est_ms = (time.perf_counter() - t0) * 1e3
+    if est_ms < 500:
+        fn()
     times = []
     for _ in range(min(reps, max(5, int(1000 / max(est_ms, 1e-3))))):  # about 1 s per row at most
         t0 = time.perf_counter()
@@ -251,7 +270,7 @@ def run_case(case: Case, ours: Callable, ref: Callable, s: dict, dev: str, opts,
     tensors = [t for t in (*args, *kw.values()) if isinstance(t, torch.Tensor)]
     fwd_bytes, bwd_bytes = BYTES[case.op][1](*tensors)
     try:
-        backend = "triton" if _backend.use_triton(case.op, tensors[0]) else "torch"
+        backend = _backend.select_backend(case.op, tensors[0])
     except RuntimeError as e:
         backend = f"error ({_err(e)})"
     impls = {"ours": (ours, backend), "eager": (ref, "torch")}
@@ -315,7 +334,7 @@ def summary(rows: list[dict], copy_bw: float | None, dev: str) -> list[str]:
         return next((r for r in rows if (r["op"], r["impl"], r["pass"]) == (op, impl, pas) and r["median_ms"]), None)
 
     if dev != "cuda":
-        return ["targets: n/a on CPU ('ours' runs the torch reference; the targets are for the Triton kernels on CUDA)"]
+        return cpu_summary(rows)
     out = []
     lp = get("logprobs_from_logits", "ours", "fwd")
     out.append(f"logprobs_from_logits fwd: {lp['gbps']:,.0f} GB/s = {lp['pct_copy']:.0f}% of copy bandwidth "
@@ -331,6 +350,39 @@ def summary(rows: list[dict], copy_bw: float | None, dev: str) -> list[str]:
     out.append(f"gae: {loop['median_ms'] / ours['median_ms']:,.0f}x the Python loop over T (gae_ref)"
                if ours and loop else "gae: not measured")
     return out
+
+
+CPP_RULE = 3.0  # a compiled CPU kernel stays in dispatch only if it beats the eager reference by this factor
+
+
+def cpu_summary(rows: list[dict]) -> list[str]:
+    """One line per op that ran a compiled CPU kernel: its speedup over eager per pass and shape, and the verdict of
+    the >= 3x rule (decided on fwd+bwd for differentiable ops, on fwd otherwise)."""
+    out = []
+    for r in rows:
+        if r["impl"] != "ours" or r["backend"] != "cpp":
+            continue
+        passes = {x["pass"] for x in rows if (x["op"], x["shape"], x["impl"]) == (r["op"], r["shape"], "ours")}
+        decisive = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
+        ratio = r["speedup_vs_eager"]
+        verdict = ("" if r["pass"] != decisive else
+                   "  (not measured)" if ratio is None else
+                   f"  -> {'keep' if ratio >= CPP_RULE else 'DROP'} (rule: >= {CPP_RULE:g}x on {decisive})")
+        out.append(f"cpp {r['op']} [{r['shape']}] {r['pass']}: "
+                   + ("not measured" if ratio is None else f"{ratio:.2f}x eager") + verdict)
+    others = sorted({r["op"] for r in rows if r["impl"] == "ours" and r["backend"] != "cpp"})
+    if others:
+        out.append(f"no compiled CPU kernel (ours = the reference): {', '.join(others)}")
+    return out or ["no compiled CPU kernel ran (extension disabled or not built?)"]
+
+
+def _loadavg() -> list[float] | None:
+    """The host's 1/5/15-minute load averages (a CPU run shares its cores: a load above the thread count means the
+    timings, ours and the reference's alike, include waiting for a core)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def main() -> None:
@@ -360,10 +412,10 @@ def main() -> None:
     env = _backend.describe()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | size {opts.size} "
-          f"{SIZES[opts.size]} | threads {torch.get_num_threads()} | {platform.platform()}")
+          f"{SIZES[opts.size]} | threads {torch.get_num_threads()} | load {_loadavg()} | {platform.platform()}")
     if not cuda:
-        print("NOTE: no CUDA device: 'ours' runs the PyTorch reference (Triton needs CUDA; interpreted Triton is not "
-              "timed), so ours ~= eager here. Peak memory is CUDA-only.")
+        print("NOTE: no CUDA device: 'ours' runs the compiled CPU kernel where the extension has the op (backend "
+              "'cpp'), else the PyTorch reference (ours ~= eager). Peak memory is CUDA-only.")
     copy_bw = copy_gbps(dev, opts.reps, opts.rep_ms)
     print(f"{dev} copy bandwidth (copy_, read+write): {copy_bw:,.1f} GB/s")
     slug = re.sub(r"[^a-z0-9]+", "-", str(env["device"]).lower()).strip("-")
@@ -372,11 +424,14 @@ def main() -> None:
     result = dict(device=env["device"], torch=env["torch"], triton=env["triton"], timestamp=stamp, size=opts.size,
                   shapes=SIZES[opts.size], cuda_copy_gbps=copy_bw if cuda else None, copy_gbps=copy_bw,
                   host=platform.platform(), cpu_threads=torch.get_num_threads(), backend=env,
-                  compile=opts.compile, bytes_formulas={k: v[0] for k, v in BYTES.items()}, summary=None, rows=[])
+                  compile=opts.compile, bytes_formulas={k: v[0] for k, v in BYTES.items()}, summary=None, rows=[],
+                  loadavg_start=_loadavg(), loadavg_end=None)
     rows = result["rows"]
     print(format_row(None))
     for case in CASES:
         if selected and case.op not in selected:
+            continue
+        if any(k not in SIZES[opts.size] for k in case.requires):
             continue
         try:
             ours, ref = case.load()
@@ -395,6 +450,8 @@ def main() -> None:
         if opts.compile:
             torch._dynamo.reset()
     result["summary"] = summary(rows, copy_bw, dev)
+    result["loadavg_end"] = _loadavg()
+    result["backend"] = _backend.describe()  # again at the end: the extension's libraries load on first use
     print("\n".join(result["summary"]))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

@@ -27,6 +27,13 @@ before dividing by ``T`` keeps every quantity independent of a common offset of 
 logits ~ 1e3). The per-row ``m``, ``log S`` and ``U / S`` are kept for the backward, which runs on a 2-D grid (rows on
 axis 0, vocabulary tiles on axis 1: at most ``ceil(V / BLOCK_V)`` = 38 for V = 151,936) and writes each gradient
 element once, in the logits' dtype. Row offsets are int64 (N * V exceeds 2**31 for real vocabularies).
+
+On the CPU, when the compiled extension is built (``kernels._extension``), the same forward and backward run as C++
+kernels (``csrc/cpu/logprobs.cpp``, ops ``logprobs_from_logits``, ``entropy_from_logits`` and
+``logprobs_from_logits_backward``): rows in parallel, each row read once in vectorised blocks of 2048 elements (the
+block's max first, then its ``e^d`` sums from L1), the same three saved statistics, any leading strides read in place
+(only a strided last dim is copied). Without the extension (``RLHF_ENGINE_BUILD_EXT=0``, no compiler) the CPU runs
+the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import math
 
 import torch
 
-from kernels._backend import compute_dtype, interpreting, tl, triton, use_triton
+from kernels import _extension
+from kernels._backend import compute_dtype, interpreting, select_backend, tl, triton
 from kernels._checks import check_class_labels, check_positive, check_same_device, check_tensor
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -231,10 +239,21 @@ def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x.contiguous(), 1, V, 0  # e.g. logits[:, :-1, :-1, :]: no two-level split, one copy
 
 
-def _logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int):
-    """Launch the forward on ``logits`` ``[..., V]``.
+def _logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int,
+                  backend: str = "triton"):
+    """Launch the forward on ``logits`` ``[..., V]``: the Triton kernel, or with ``backend="cpp"`` the compiled CPU
+    kernel (``csrc/cpu/logprobs.cpp``, which reads any leading strides in place: its layout is just ``(x,)``).
 
     Returns ``(lp [N] or None, ent [N], stats [3, N] = (row max, log S, E_p[d]), flat labels or None, layout)``."""
+    if backend == "cpp":
+        x = logits if logits.shape[-1] <= 1 or logits.stride(-1) == 1 else logits.contiguous()
+        flat_x = x.unsqueeze(0) if x.dim() == 1 else x
+        if labels is None:
+            ent, stats = _extension.op("entropy_from_logits")(flat_x, temperature)
+            return None, ent, stats, None, (x,)
+        flat_labels = labels.reshape(-1)
+        lp, ent, stats = _extension.op("logprobs_from_logits")(flat_x, flat_labels, temperature, ignore_index)
+        return lp, ent, stats, flat_labels, (x,)
     x, L2, stride_b, stride_t = _row_layout(logits)
     V = x.shape[-1]
     n_rows = math.prod(x.shape[:-1])
@@ -256,7 +275,15 @@ def _logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature
 
 def _logprobs_bwd(dlp: torch.Tensor | None, dent: torch.Tensor | None, flat_labels: torch.Tensor | None,
                   stats: torch.Tensor, layout, temperature: float, ignore_index: int) -> torch.Tensor:
-    """Launch the backward; returns a new contiguous ``[..., V]`` gradient in the logits' dtype."""
+    """Launch the backward (Triton, or the compiled CPU kernel when ``layout`` is the cpp forward's ``(x,)``);
+    returns a new contiguous ``[..., V]`` gradient in the logits' dtype."""
+    if len(layout) == 1:
+        x = layout[0]
+        flat_x = x.unsqueeze(0) if x.dim() == 1 else x
+        dx = _extension.op("logprobs_from_logits_backward")(
+            flat_x, flat_labels, None if dlp is None else dlp.reshape(-1),
+            None if dent is None else dent.reshape(-1), stats, temperature, ignore_index)
+        return dx.view(x.shape)
     x, L2, stride_b, stride_t = layout
     V = x.shape[-1]
     n_rows = math.prod(x.shape[:-1])
@@ -280,12 +307,12 @@ def _logprobs_bwd(dlp: torch.Tensor | None, dent: torch.Tensor | None, flat_labe
 
 # ------------------------------------------------------------------------------------------------------------ autograd
 class LogprobsFromLogitsFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton log-prob/entropy kernels; returns ``(logprobs, entropy)``, differentiable in
-    ``logits`` through both."""
+    """Autograd wrapper of the log-prob/entropy kernels (``backend``: ``"triton"`` or ``"cpp"``); returns
+    ``(logprobs, entropy)``, differentiable in ``logits`` through both."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index):
-        lp, ent, stats, flat_labels, layout = _logprobs_fwd(logits, labels, temperature, ignore_index)
+    def forward(ctx, logits, labels, temperature, ignore_index, backend="triton"):
+        lp, ent, stats, flat_labels, layout = _logprobs_fwd(logits, labels, temperature, ignore_index, backend)
         ctx.save_for_backward(layout[0], flat_labels, stats)
         ctx.layout = layout[1:]
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
@@ -297,15 +324,16 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
     def backward(ctx, dlp, dent):
         x, flat_labels, stats = ctx.saved_tensors
         dx = _logprobs_bwd(dlp, dent, flat_labels, stats, (x, *ctx.layout), ctx.temperature, ctx.ignore_index)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 class EntropyFromLogitsFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton entropy kernels (the log-prob kernels without labels)."""
+    """Autograd wrapper of the entropy kernels (the log-prob kernels without labels; ``backend``: ``"triton"`` or
+    ``"cpp"``)."""
 
     @staticmethod
-    def forward(ctx, logits, temperature):
-        _, ent, stats, _, layout = _logprobs_fwd(logits, None, temperature, 0)
+    def forward(ctx, logits, temperature, backend="triton"):
+        _, ent, stats, _, layout = _logprobs_fwd(logits, None, temperature, 0, backend)
         ctx.save_for_backward(layout[0], stats)
         ctx.layout = layout[1:]
         ctx.temperature = temperature
@@ -315,7 +343,7 @@ class EntropyFromLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dent):
         x, stats = ctx.saved_tensors
-        return _logprobs_bwd(None, dent, None, stats, (x, *ctx.layout), ctx.temperature, 0), None
+        return _logprobs_bwd(None, dent, None, stats, (x, *ctx.layout), ctx.temperature, 0), None, None
 
 
 # -------------------------------------------------------------------------------------------------------------- public
@@ -374,8 +402,9 @@ def _logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperatur
                           return_entropy: bool):
     """``logprobs_from_logits`` without the input checks (no host sync): for callers that validated once, e.g. a
     chunked caller looping over row slices of already checked labels."""
-    if use_triton("logprobs_from_logits", logits):
-        lp, ent = LogprobsFromLogitsFunction.apply(logits, labels, temperature, ignore_index)
+    backend = select_backend("logprobs_from_logits", logits)
+    if backend != "torch":
+        lp, ent = LogprobsFromLogitsFunction.apply(logits, labels, temperature, ignore_index, backend)
         return (lp, ent) if return_entropy else lp
     return logprobs_from_logits_ref(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                     return_entropy=return_entropy)
@@ -401,6 +430,7 @@ def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> to
         ValueError: ``temperature`` <= 0 or not finite; ``V`` = 0.
     """
     temperature = _check_logits(logits, temperature)
-    if use_triton("entropy_from_logits", logits):
-        return EntropyFromLogitsFunction.apply(logits, temperature)
+    backend = select_backend("entropy_from_logits", logits)
+    if backend != "torch":
+        return EntropyFromLogitsFunction.apply(logits, temperature, backend)
     return entropy_from_logits_ref(logits, temperature=temperature)

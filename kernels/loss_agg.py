@@ -28,13 +28,16 @@ reproduce the full-batch step exactly. Without them each micro-batch divides by 
 Every aggregated loss is linear in the per-token losses: ``loss = sum_i w_i * sum_t m*l``, with a row weight ``w_i``
 that only depends on the mask. The fused losses (``ppo_loss``, ``value_loss``) therefore compute per-token losses and
 their gradients in one kernel, reduce per-row statistics, and run ``_agg_rows_kernel`` once to get the scalar, the
-metrics and ``w``; backward is ``grad * w_i * dl/dx`` (``_apply_row_weights``).
+metrics and ``w``; backward is ``grad * w_i * dl/dx`` (``_apply_row_weights``). The compiled CPU losses
+(``csrc/cpu/ppo_loss.cpp``) write the same per-row statistics and aggregate them with its ``loss_agg_rows`` op, the
+CPU port of ``_agg_rows_kernel`` (``aggregate_rows(..., backend="cpp")``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import _extension
 from kernels._backend import interpreting, tl, triton
 from kernels._checks import check_choice, check_mask, check_positive, check_tensor
 
@@ -216,10 +219,13 @@ def block_t(T: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(T)))
 
 
-def aggregate_rows(stats: torch.Tensor, n_weighted: int, agg: tuple, B: int, T: int):
+def aggregate_rows(stats: torch.Tensor, n_weighted: int, agg: tuple, B: int, T: int, backend: str = "triton"):
     """Run ``_agg_rows_kernel`` on ``stats [B, C, NSTAT]`` with ``agg`` = ``check_agg_args(...)``; returns
-    ``(out [NSTAT], w [B])`` float32."""
+    ``(out [NSTAT], w [B])`` float32. ``backend="cpp"``: its CPU port, ``torch.ops.rlhf_engine.loss_agg_rows``
+    (``csrc/cpu/ppo_loss.cpp``; float64 sums)."""
     mode, n_tok, n_seq, scale = agg
+    if backend == "cpp":
+        return _extension.op("loss_agg_rows")(stats, n_weighted, mode, n_tok, n_seq, float(scale or T))
     nstat = stats.shape[-1]
     out = torch.empty(nstat, dtype=torch.float32, device=stats.device)
     w = torch.empty(B, dtype=torch.float32, device=stats.device)
@@ -248,8 +254,12 @@ def launch_token_loss(kernel, B: int, T: int, nstat: int, n_weighted: int, agg: 
     return out, w, dl
 
 
-def apply_row_weights(grad: torch.Tensor, dl: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad * w[:, None] * dl`` in one launch, cast to ``dtype`` (the gradient of the differentiated input)."""
+def apply_row_weights(grad: torch.Tensor, dl: torch.Tensor, w: torch.Tensor, dtype: torch.dtype,
+                      backend: str = "triton") -> torch.Tensor:
+    """``grad * w[:, None] * dl`` in one launch, cast to ``dtype`` (the gradient of the differentiated input).
+    ``backend="cpp"`` (the compiled CPU losses): the same product as a PyTorch expression (two elementwise ops)."""
+    if backend == "cpp":
+        return (dl * (grad.reshape(1).float() * w)[:, None]).to(dtype)
     B, T = dl.shape
     dx = torch.empty((B, T), dtype=dtype, device=dl.device)
     if dx.numel():

@@ -27,13 +27,20 @@ Metrics (detached 0-d float32 tensors, token means over the local ``response_mas
 
 Defaults: veRL ``vanilla`` (eps 0.2/0.2, token-mean); veRL turns dual clip on with c = 3 by default, TRL and OpenRLHF
 leave it off: ours is off (``clip_ratio_c=None``). Dims: ``B`` sequences, ``T`` response tokens.
+
+Backends: Triton on CUDA. On the CPU, when the compiled extension is built (``kernels._extension``), the C++ kernel
+``csrc/cpu/ppo_loss.cpp`` (op ``ppo_loss``) writes the same masked ``dl [B, T]`` and per-row statistics (one chunk per
+row; rows in parallel, tokens in vectorised tiles, any input strides read in place, mixed input dtypes upcast to
+float32 first), its ``loss_agg_rows`` op aggregates them as ``_agg_rows_kernel`` does, and the backward is
+``grad * w[:, None] * dl`` in PyTorch. Without the extension the CPU runs the PyTorch reference ``ppo_loss_ref``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import compute_dtype, tl, triton, use_triton
+from kernels import _extension
+from kernels._backend import compute_dtype, select_backend, tl, triton
 from kernels._checks import (
     check_broadcast_rows,
     check_finite,
@@ -46,6 +53,7 @@ from kernels._checks import (
 from kernels.kl import _ESTIMATOR_ID, _kl_value_and_grad, kl_penalty_ref, resolve_kl_estimator
 from kernels.loss_agg import (
     agg_loss_ref,
+    aggregate_rows,
     apply_row_weights,
     as_kernel_mask,
     check_agg_args,
@@ -202,11 +210,24 @@ def _ppo_loss_fwd_kernel(
     tl.store(base + 8, tl.sum(m * high, axis=0))
 
 
-def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, kl_coef, est, agg):
-    """Launch the fused kernel and the aggregation; returns ``(out [NSTAT], w [B], dl [B, T])`` float32."""
+def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, kl_coef, est, agg, backend):
+    """Launch the fused kernel (Triton, or the compiled CPU kernel for ``backend="cpp"``) and the aggregation;
+    returns ``(out [NSTAT], w [B], dl [B, T])`` float32."""
     B, T = lp.shape
     adv = adv.expand(B, T)  # a per-sequence [B, 1] view gets column stride 0
     isw = None if isw is None else isw.expand(B, T)
+    if backend == "cpp":
+        # the compiled kernel reads any strides in place but takes one dtype: mixed dtypes are upcast to float32
+        floats = [lp, old, adv, ref, isw]
+        if len({t.dtype for t in floats if t is not None}) > 1:
+            lp, old, adv, ref, isw = (None if t is None else t.float() for t in floats)
+        dl, stats = _extension.op("ppo_loss")(
+            lp, old, adv, mask if mask.dtype == torch.bool else mask != 0, ref, isw, clip_low, clip_high, clip_c,
+            kl_coef, est)
+        out, w = aggregate_rows(stats, _N_WEIGHTED, agg, B, T, backend="cpp")
+        return out, w, dl
+    lp, old = lp.contiguous(), old.contiguous()
+    ref = None if ref is None else ref.contiguous()
     return launch_token_loss(
         _ppo_loss_fwd_kernel, B, T, len(_STATS), _N_WEIGHTED, agg, lp.device,
         lp, old, adv, as_kernel_mask(mask), ref if ref is not None else lp, isw if isw is not None else lp,
@@ -218,23 +239,26 @@ def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, 
 
 
 class PPOLossFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused PPO kernel; differentiable in ``logprobs`` only.
+    """Autograd wrapper of the fused PPO kernel (``kw["backend"]``: ``"triton"`` or ``"cpp"``); differentiable in
+    ``logprobs`` only.
 
     Forward returns ``(loss, metrics_vector)``; the gradient per token is computed in the forward and saved
     (``[B, T]`` float32), so backward is one elementwise launch."""
 
     @staticmethod
     def forward(ctx, logprobs, old, adv, mask, ref, isw, kw):
-        out, w, dl = _ppo_loss_fwd(logprobs.contiguous(), old, adv, mask, ref, isw, **kw)
+        out, w, dl = _ppo_loss_fwd(logprobs, old, adv, mask, ref, isw, **kw)
         ctx.save_for_backward(dl, w)
         ctx.lp_dtype = logprobs.dtype
+        ctx.backend = kw["backend"]
         ctx.mark_non_differentiable(out)
         return out[1].clone(), out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_out):
         dl, w = ctx.saved_tensors
-        return apply_row_weights(grad_loss, dl, w, ctx.lp_dtype), None, None, None, None, None, None
+        dx = apply_row_weights(grad_loss, dl, w, ctx.lp_dtype, ctx.backend)
+        return dx, None, None, None, None, None, None
 
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -315,7 +339,8 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
                          "a reference model")
     est = resolve_kl_estimator(kl_estimator)
     agg = check_agg_args(loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor)
-    if not use_triton("ppo_loss", logprobs, old_logprobs, advantages, ref_logprobs, rollout_is_weights):
+    backend = select_backend("ppo_loss", logprobs, old_logprobs, advantages, ref_logprobs, rollout_is_weights)
+    if backend == "torch":
         return ppo_loss_ref(logprobs, old_logprobs.detach(), adv.detach(), response_mask,
                             clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
                             clip_ratio_c=clip_ratio_c, loss_agg_mode=agg[0], ref_logprobs=ref_logprobs,
@@ -323,11 +348,11 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
                             rollout_is_weights=None if isw is None else isw.detach(),
                             global_num_tokens=agg[1], global_num_seqs=agg[2], loss_scale_factor=agg[3])
     kw = dict(clip_low=float(clip_ratio_low), clip_high=float(clip_ratio_high),
-              clip_c=None if clip_ratio_c is None else float(clip_ratio_c), kl_coef=float(kl_coef), est=est, agg=agg)
+              clip_c=None if clip_ratio_c is None else float(clip_ratio_c), kl_coef=float(kl_coef), est=est, agg=agg,
+              backend=backend)
     loss, out = PPOLossFunction.apply(
-        logprobs, old_logprobs.detach().contiguous(), adv.detach(), response_mask,
-        None if ref_logprobs is None else ref_logprobs.detach().contiguous(),
-        None if isw is None else isw.detach(), kw,
+        logprobs, old_logprobs.detach(), adv.detach(), response_mask,
+        None if ref_logprobs is None else ref_logprobs.detach(), None if isw is None else isw.detach(), kw,
     )
     return loss, {name: out[i + 2] for i, name in enumerate(METRIC_NAMES)}
 

@@ -20,6 +20,8 @@ from kernels.logprobs import (
 )
 from tests._numerics import INPUT_DTYPES, assert_close, randn
 
+CPP_OPS = ("logprobs_from_logits", "entropy_from_logits")  # the backend fixture's "cpp" param: csrc/cpu/logprobs.cpp
+
 # (leading shape, V): aligned, odd/prime, single row with V = 1 and V = 2
 SHAPES = [((8,), 512), ((3, 7), 1031), ((1,), 1), ((1,), 2)]
 

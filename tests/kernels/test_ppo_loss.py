@@ -11,6 +11,8 @@ from kernels.loss_agg import LOSS_AGG_MODES
 from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
 from tests._numerics import INPUT_DTYPES, assert_close, randn, random_mask, seq_agg_expected
 
+CPP_OPS = ("ppo_loss",)  # the backend fixture's "cpp" param runs ppo_loss / grpo_loss through csrc/cpu/ppo_loss.cpp
+
 SHAPES = [(4, 64), (5, 37), (1, 1), (3, 300)]  # 300 > one chunk of tokens under the interpreter
 CONFIGS = {
     "plain": {},

@@ -11,7 +11,7 @@ import torch
 from engine.algorithms import make_batch, sft_loss
 from engine.algorithms.batching import clip_and_step
 from engine.generation import Generator
-from engine.trainer import BaseTrainer
+from engine.trainers.base import BaseTrainer
 
 
 class SFTTrainer(BaseTrainer):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.optim import NonFiniteWeightsError, nonfinite_tensors
+from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,18 @@ from engine.algorithms import (
     ppo_epochs,
     token_level_rewards,
 )
-from engine.models.loading import require_local_dir
-from engine.models.value_model import load_value_model, sequence_scores, value_model_from_causal_lm
-from engine.optim import make_optimizer, make_scheduler
-from engine.pair_trainers import load_reward_model
+from engine.algorithms.optim import make_optimizer, make_scheduler
+from engine.algorithms.stats import nanmean
+from engine.models.loading import require_local_dir, resolve_model_dir
+from engine.models.value_model import (
+    load_reward_model,
+    load_value_model,
+    sequence_scores,
+    value_model_from_causal_lm,
+)
 from engine.rewards import compute_rewards, load_reward
-from engine.stats import nanmean
-from engine.trainer import RolloutTrainer, nonfinite_reward_cause, resolve_model_dir, skip_cause
+from engine.trainers.base import nonfinite_reward_cause, skip_cause
+from engine.trainers.rollout import RolloutTrainer
 
 
 def _same_vocab(a, b) -> bool:

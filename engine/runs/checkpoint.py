@@ -39,7 +39,7 @@ import torch
 
 from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rlhf_engine.checkpoint")
 
 MARKER = "COMPLETE"
 CHECKPOINTS_DIR = "checkpoints"

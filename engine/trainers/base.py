@@ -9,6 +9,7 @@ holds what SFT and GRPO share; ``engine.trainers.sft.SFTTrainer`` is the cold st
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import signal
@@ -31,6 +32,8 @@ from engine.runs.checkpoint import (
 from engine.runs.directory import RunDirectory
 from engine.runs.metrics import MetricsLogger
 from engine.trainers.evaluation import evaluate_accuracy
+
+log = logging.getLogger("rlhf_engine")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,7 +88,7 @@ class _DeferredInterrupt:
             self.forced = True
             raise KeyboardInterrupt
         self.pending = True
-        print("\n[rlhf-engine] Ctrl-C: stopping after this step (press again to stop now, without a checkpoint)")
+        log.info("Ctrl-C: stopping after this step (press again to stop now, without a checkpoint)")
 
     def check(self) -> None:
         if self.pending:
@@ -144,7 +147,7 @@ class BaseTrainer:
                     (c["optimizer"], c["scheduler"]) for c in self.checkpoint_components().values()
                     if c.get("optimizer") is not None and c.get("scheduler") is not None]:
                 sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
-            print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
+            log.info(f"resumed from {resume} at step {self.state['step']}")
         self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
 
     # ------------------------------------------------------------------------------------------------ set-up hooks
@@ -171,7 +174,7 @@ class BaseTrainer:
         self.train_examples, dropped = tokenize(self.train_records, self.tokenizer, data, builtin=builtin)
         self.eval_examples, eval_dropped = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
         if dropped or eval_dropped:
-            print(f"[rlhf-engine] prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
+            log.info(f"prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
                   f"{dropped} of {len(self.train_records)} training, {eval_dropped} of {len(self.eval_records)} "
                   "held-out")
         if not self.train_examples:
@@ -238,7 +241,7 @@ class BaseTrainer:
             zero = metrics.get("grad_norm") == 0.0
             self.state["zero_grad_in_a_row"] = self.state.get("zero_grad_in_a_row", 0) + 1 if zero else 0
             if self.state["zero_grad_in_a_row"] == t.zero_grad_warn_steps:
-                print(f"[rlhf-engine] warning: step {step}: the gradient norm was exactly 0 for "
+                log.warning(f"step {step}: the gradient norm was exactly 0 for "
                       f"{t.zero_grad_warn_steps} steps in a row (steps {step - t.zero_grad_warn_steps + 1}-{step}): "
                       "nothing is learning. Dead weights after too large an optim.lr, or (GRPO) no reward variance "
                       "within any group? (trainer.zero_grad_warn_steps)")
@@ -246,7 +249,7 @@ class BaseTrainer:
         cause = cause or skip_cause(metrics)
         self.state["nonfinite_in_a_row"] += 1
         self.state["skipped_steps"] += 1
-        print(f"[rlhf-engine] step {step}: {cause}: optimizer step skipped")
+        log.warning(f"step {step}: {cause}: optimizer step skipped")
         if self.state["nonfinite_in_a_row"] >= t.max_consecutive_nonfinite:
             if "non-finite reward" in cause:
                 hint = "check the reward functions or the reward model"
@@ -309,7 +312,7 @@ class BaseTrainer:
                     break
         except KeyboardInterrupt:
             if not interrupt.forced:
-                print(f"\n[rlhf-engine] interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
+                log.info(f"interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
             raise
         finally:
             interrupt.restore()

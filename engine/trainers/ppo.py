@@ -13,6 +13,7 @@ names (``critic/vf_loss``, ``critic/advantages/mean``, ``actor/pg_clipfrac``, ``
 
 from __future__ import annotations
 
+import logging
 import copy
 import time
 
@@ -39,6 +40,8 @@ from engine.models.value_model import (
 from engine.rewards import compute_rewards, load_reward
 from engine.trainers.base import nonfinite_reward_cause, skip_cause
 from engine.trainers.rollout import RolloutTrainer
+
+log = logging.getLogger("rlhf_engine")
 
 
 def _same_vocab(a, b) -> bool:
@@ -97,7 +100,7 @@ class PPOTrainer(RolloutTrainer):
         if self.reward_model is not None and self.rm_same_vocab:
             return copy.deepcopy(self.reward_model).requires_grad_(True).train()
         if self.reward_model is not None:
-            print("[rlhf-engine] the reward model's tokenizer differs from the policy's: the critic starts from the "
+            log.warning("the reward model's tokenizer differs from the policy's: the critic starts from the "
                   "policy's body with a fresh value head")
         return value_model_from_causal_lm(self.model, seed=self.cfg.trainer.seed)
 

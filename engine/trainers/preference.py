@@ -8,6 +8,7 @@ pass scores chosen and rejected together (``make_pair_batch``: 2x rows).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -22,6 +23,8 @@ from engine.data import load_records
 from engine.data.preferences import render_pair, split_pairs, to_preference_pairs, tokenize_pairs
 from engine.models.builders import build_reward_model
 from engine.trainers.base import BaseTrainer
+
+log = logging.getLogger("rlhf_engine")
 
 
 class PairTrainer(BaseTrainer):
@@ -56,7 +59,7 @@ class PairTrainer(BaseTrainer):
         self.train_examples, stats = tokenize_pairs(self.train_records, self.tokenizer, **kwargs)
         self.eval_examples, eval_stats = tokenize_pairs(self.eval_records, self.tokenizer, **kwargs)
         self.data_stats = {"train": stats, "eval": eval_stats}
-        print(f"[rlhf-engine] pairs: train {stats}, held-out {eval_stats}")
+        log.info(f"pairs: train {stats}, held-out {eval_stats}")
         if not self.train_examples:
             raise ValueError(f"no training pair is left after tokenization ({stats})")
 
@@ -151,7 +154,7 @@ class DPOTrainer(PairTrainer):
                                                   autocast_dtype=self.autocast, average=self.average_logps)
             for i, e in enumerate(examples):
                 self.ref_logps[id(e)] = (chosen[i], rejected[i])
-        print(f"[rlhf-engine] reference log-probs of {len(self.ref_logps)} pairs in {time.perf_counter() - t0:.1f}s")
+        log.info(f"reference log-probs of {len(self.ref_logps)} pairs in {time.perf_counter() - t0:.1f}s")
 
     def _ref(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = torch.stack([self.ref_logps[id(e)][0] for e in examples]).to(self.device)
@@ -191,5 +194,4 @@ class DPOTrainer(PairTrainer):
                 "eval/num_pairs": len(self.eval_examples)}
 
 
-__all__ = ["DPOTrainer", "PairTrainer", "RewardModelTrainer", "build_reward_model", "is_value_model_dir",
-           "load_reward_model"]
+__all__ = ["DPOTrainer", "PairTrainer", "RewardModelTrainer"]

@@ -158,7 +158,7 @@ def test_torn_checkpoints_ignored_then_cleaned(tmp_path, caplog):
     leftover = tmp_path / "checkpoints" / ".tmp-step-00000010-4242"
     leftover.mkdir()
     (leftover / "optimizer.pt").write_bytes(b"half")
-    with caplog.at_level(logging.WARNING, logger="engine.runs.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_engine.checkpoint"):
         assert find_latest_checkpoint(tmp_path) == good
     assert "ignoring incomplete checkpoint" in caplog.text and "step-00000009" in caplog.text
     assert resolve_resume("auto", tmp_path) == good

@@ -1,5 +1,5 @@
 """Time per step of the classic RLHF pipeline on Anthropic HH: SFT -> reward model -> PPO, and DPO, each run for a
-few steps through the real trainers (``engine.sft_trainer``, ``engine.pair_trainers``, ``engine.ppo_trainer``) on a
+few steps through the real trainers (``engine.trainers.sft``, ``engine.trainers.preference``, ``engine.trainers.ppo``) on a
 random model of a chosen shape, with a byte-level BPE tokenizer trained on the data.
 
     python bench/bench_rlhf.py                                   # CUDA: Qwen2.5-0.5B-shaped model, bf16
@@ -89,9 +89,9 @@ def main() -> None:
               "optim.lr=1e-5"]
     if preset:
         common.append(f"model.preset={preset}")
-    from engine.pair_trainers import DPOTrainer, RewardModelTrainer
-    from engine.ppo_trainer import PPOTrainer
-    from engine.sft_trainer import SFTTrainer
+    from engine.trainers.preference import DPOTrainer, RewardModelTrainer
+    from engine.trainers.ppo import PPOTrainer
+    from engine.trainers.sft import SFTTrainer
 
     sft_dir, rm_dir = work / "sft", work / "rm"
     from_sft = [c for c in common if not c.startswith("model.")] + [f"model.path={sft_dir}"]  # later stages

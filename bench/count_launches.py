@@ -25,7 +25,8 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from engine.generation.attention import AttentionMetadata, TritonAttention  # noqa: E402
-from engine.models import LlamaFamilyModel, tiny_model  # noqa: E402
+from engine.generation.model_runner import LlamaFamilyModel  # noqa: E402
+from engine.models import tiny_model  # noqa: E402
 from kernels import _backend  # noqa: E402
 from tests.engine.test_models import eager_forward  # noqa: E402
 

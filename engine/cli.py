@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from engine.trainers.demo import run_demo
 
     result = run_demo(args.output_dir, digits=args.digits, ops=args.ops, sft_budget_s=args.sft_budget_s,
                       sft_target=args.sft_target, grpo_steps=args.grpo_steps, grpo_budget_s=args.grpo_budget_s,
@@ -45,15 +45,15 @@ def _train(kind: str):
         from engine import config as C
 
         if kind == "sft":
-            from engine.sft_trainer import SFTTrainer as Trainer
+            from engine.trainers.sft import SFTTrainer as Trainer
         elif kind == "grpo":
-            from engine.trainer import GRPOTrainer as Trainer
+            from engine.trainers.grpo import GRPOTrainer as Trainer
         elif kind == "ppo":
-            from engine.ppo_trainer import PPOTrainer as Trainer
+            from engine.trainers.ppo import PPOTrainer as Trainer
         elif kind == "rm":
-            from engine.pair_trainers import RewardModelTrainer as Trainer
+            from engine.trainers.preference import RewardModelTrainer as Trainer
         else:
-            from engine.pair_trainers import DPOTrainer as Trainer
+            from engine.trainers.preference import DPOTrainer as Trainer
         run_config = {"sft": C.SFTRunConfig, "grpo": C.GRPORunConfig, "ppo": C.PPORunConfig,
                       "rm": C.RewardModelRunConfig, "dpo": C.DPORunConfig}[kind]
         cfg = C.load_config(run_config, args.config, args.overrides)
@@ -67,7 +67,8 @@ def _train(kind: str):
 def _generate(args: argparse.Namespace) -> int:
     from engine.generation import Generator, SamplingParams
     from engine.models import load_policy
-    from engine.trainer import resolve_device, resolve_model_dir
+    from engine.models.builders import resolve_device
+    from engine.models.loading import resolve_model_dir
 
     device = resolve_device(args.device)
     model, tokenizer = load_policy(str(resolve_model_dir(args.model)), device=device)
@@ -84,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from engine.metrics import plot_run
+    from engine.runs.metrics import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every sub-command accepts --debug
     demo = sub.add_parser("demo", help="cold-start SFT then GRPO of a tiny model on arithmetic (CPU, minutes)")
-    from engine.demo import add_arguments
+    from engine.trainers.demo import add_arguments
 
     add_arguments(demo)
     demo.set_defaults(fn=_demo)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels as K
-from engine.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
+from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
 
 
 @dataclass
@@ -85,7 +85,7 @@ def make_pair_batch(prompts: list[list[int]], chosen: list[list[int]], rejected:
 def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple[float, bool]:
     """Finish an accumulated step: clip the gradient norm to ``max_grad_norm`` and step ``optimizer`` unless the loss
     (``finite`` False) or the gradient norm is non-finite, or the update would overflow float16 weights
-    (``engine.optim.update_would_overflow``, checked before the step so that the weights and the optimizer state are
+    (``engine.algorithms.optim.update_would_overflow``, checked before the step so that the weights and the optimizer state are
     left as they were); the gradients are zeroed either way, so a bad step never reaches the weights. Returns
     ``(grad_norm, stepped)`` (grad_norm NaN when the loss was non-finite; ``stepped`` False with a finite loss and
     gradient norm means the update was refused).

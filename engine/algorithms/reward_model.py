@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import kernels as K
 from engine.algorithms.batching import TokenBatch, map_pairs
+from engine.algorithms.stats import wilson_interval
 from engine.models.value_model import sequence_scores
-from engine.stats import wilson_interval
 
 
 def _split_halves(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def pairwise_metrics(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor)
 
     Returns host floats: ``"eval/accuracy"`` (fraction of pairs with ``r_c > r_r``, a tie counts half),
     ``"eval/accuracy_ci_low"`` / ``"eval/accuracy_ci_high"`` (95% Wilson interval over the ``P`` pairs,
-    ``engine.stats.wilson_interval``),
+    ``engine.algorithms.stats.wilson_interval``),
     ``"eval/margin"`` (mean ``r_c - r_r``), ``"eval/loss"`` (mean ``-logsigmoid(r_c - r_r)``, nats, in float64) and
     ``"eval/num_pairs"``. Raises ``ValueError`` for shapes that are not the same ``[P]`` with ``P >= 1``."""
     if chosen_scores.dim() != 1 or chosen_scores.shape != rejected_scores.shape:

@@ -124,7 +124,7 @@ class GenerationConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW and the learning-rate schedule (``engine.optim``)."""
+    """AdamW and the learning-rate schedule (``engine.algorithms.optim``)."""
 
     lr: float = Field(1e-5, gt=0)
     """Peak learning rate (after warmup)."""
@@ -145,7 +145,7 @@ class OptimConfig(Section):
     non-finite check)."""
     master_weights: bool = True
     """For bf16/fp16 parameters (``model.dtype`` auto on CUDA): step float32 master copies and write the rounded
-    result back (``engine.optim.MasterWeightAdamW``). False steps the low-precision parameters directly, which loses
+    result back (``engine.algorithms.optim.MasterWeightAdamW``). False steps the low-precision parameters directly, which loses
     updates smaller than half an ulp of the weight (most of them at RL learning rates)."""
 
 

@@ -5,7 +5,7 @@ samples of a prompt share the prompt's blocks, and the log-prob of every sampled
     outs = gen.generate([[1, 2, 3], [4, 5]], SamplingParams(n=8, temperature=1.0, max_tokens=256))
     outs[0].outputs[3].token_ids, outs[0].outputs[3].logprobs
 
-The forward reads the HF module's parameter tensors (``engine.models.LlamaFamilyModel``): after an optimizer step the
+The forward reads the HF module's parameter tensors (``engine.generation.model_runner.LlamaFamilyModel``): after an optimizer step the
 next ``generate`` uses the new weights, with no copy. One step = one forward: a prefill of waiting prompts (each
 prompt once, whatever its ``n``) or a decode of every running sample (``engine.generation.scheduler``).
 """
@@ -23,12 +23,12 @@ from engine.generation.attention.metadata import PREFIX_MIN_SAVING, PrefixGroups
 from engine.generation.block_manager import BlockManager
 from engine.generation.graph_decoder import GraphCaptureError, StaticDecoder, warn_graphs_off
 from engine.generation.kv_cache import KVCache, default_budget, num_blocks_for_budget
+from engine.generation.model_runner import LlamaFamilyModel
 from engine.generation.outputs import CompletionOutput, RequestOutput
 from engine.generation.sampler import child_seed, make_seed, sample
 from engine.generation.sampling_params import SamplingParams
 from engine.generation.scheduler import DecodeBatch, PrefillBatch, Scheduler
 from engine.generation.sequence import Request, Sequence, SequenceStatus
-from engine.models.llama import LlamaFamilyModel
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -16,6 +16,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -98,6 +99,19 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(p)!r} has no config.json")
     return p
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or the newest complete checkpoint of a run directory (one holding ``checkpoints/``)."""
+    from engine.runs.checkpoint import find_latest_checkpoint  # here: runs -> algorithms -> models at import
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} is a run directory without a complete checkpoint")
+        return latest
+    return path
 
 
 def load_policy(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",

@@ -11,12 +11,14 @@ score is read at the last position the attention mask marks, with right padding.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from engine.models.loading import resolve_checkpoint_dir
+from engine.models.loading import resolve_checkpoint_dir, resolve_model_dir
 
 
 def _score_head(model: PreTrainedModel) -> torch.nn.Module:
@@ -101,3 +103,26 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
     return head(last.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def is_value_model_dir(path: Path) -> bool:
+    """True when the checkpoint at ``path`` is a ``*ForSequenceClassification`` (a reward model or critic)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_reward_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+    """``(frozen reward model, tokenizer)`` from a reward-model run directory or checkpoint (``ValueError`` for a
+    checkpoint of another kind, or one without a tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(path)
+    model = load_value_model(path, dtype=dtype, device=device).requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"reward model {path} has no readable tokenizer: {err}") from None
+    return model, tokenizer

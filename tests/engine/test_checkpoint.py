@@ -1,4 +1,4 @@
-"""``engine.checkpoint``: an exact round trip of weights (tied and untied heads), AdamW and scheduler state and every
+"""``engine.runs.checkpoint``: an exact round trip of weights (tied and untied heads), AdamW and scheduler state and every
 RNG; the saved directory loads with ``from_pretrained``; atomic commits (a failed save leaves nothing under a
 ``step-*`` name and the previous checkpoint intact); torn and temporary directories ignored and cleaned; keep_last;
 ``resolve_resume``."""
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.checkpoint import (
+from engine.runs import checkpoint as ckpt
+from engine.runs.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
     find_latest_checkpoint,
@@ -158,7 +158,7 @@ def test_torn_checkpoints_ignored_then_cleaned(tmp_path, caplog):
     leftover = tmp_path / "checkpoints" / ".tmp-step-00000010-4242"
     leftover.mkdir()
     (leftover / "optimizer.pt").write_bytes(b"half")
-    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_engine.checkpoint"):
         assert find_latest_checkpoint(tmp_path) == good
     assert "ignoring incomplete checkpoint" in caplog.text and "step-00000009" in caplog.text
     assert resolve_resume("auto", tmp_path) == good

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from engine.checkpoint import checkpoint_dir, find_latest_checkpoint, is_complete
+from engine.runs.checkpoint import checkpoint_dir, find_latest_checkpoint, is_complete
 from engine.cli import main
-from engine.metrics import read_metrics
-from engine.run_dir import RunDirectoryError
+from engine.runs.metrics import read_metrics
+from engine.runs.directory import RunDirectoryError
 from tests.engine.test_rlhf_trainers import write_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

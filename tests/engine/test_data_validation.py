@@ -23,11 +23,11 @@ from engine.config import DataConfig, GRPORunConfig, PPORunConfig, RewardModelRu
 from engine.data import char_tokenizer, load_records
 from engine.models import require_local_dir, tiny_model
 from engine.models.value_model import load_value_model, value_model_from_causal_lm
-from engine.pair_trainers import RewardModelTrainer
-from engine.ppo_trainer import PPOTrainer
-from engine.sft_trainer import SFTTrainer
-from engine.tasks import load_task, tokenize
-from engine.trainer import GRPOTrainer
+from engine.trainers.preference import RewardModelTrainer
+from engine.trainers.ppo import PPOTrainer
+from engine.trainers.sft import SFTTrainer
+from engine.data.tasks import load_task, tokenize
+from engine.trainers.grpo import GRPOTrainer
 
 COMMON = [
     "model.tiny_overrides={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
@@ -53,7 +53,7 @@ def no_model_build(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the bad input was reported")
 
-    monkeypatch.setattr("engine.trainer.build_policy", refuse)
+    monkeypatch.setattr("engine.trainers.base.build_policy", refuse)
 
 
 # ------------------------------------------------------------------------------------------- SFT max_length
@@ -88,7 +88,7 @@ def test_sft_default_max_length_caps_a_1mb_completion(tmp_path):
 
 def test_sft_needs_max_length_above_max_prompt_tokens(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}])
-    monkeypatch.setattr("engine.trainer.tokenize", None)  # fails before the prompts are tokenized
+    monkeypatch.setattr("engine.trainers.base.tokenize", None)  # fails before the prompts are tokenized
     with pytest.raises(ValueError, match=r"data\.max_length=16 must be > data\.max_prompt_tokens=16"):
         SFTTrainer(sft_config(tmp_path, data, "data.max_length=16", "data.max_prompt_tokens=16"))
 
@@ -134,7 +134,7 @@ def test_non_utf8_pairs_fail_when_the_reward_model_trainer_starts(tmp_path, monk
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b'{"prompt": "q", "chosen": " a", "rejected": " b"}\n'
                      b'{"prompt": "q", "chosen": " \x80", "rejected": " b"}\n')
-    monkeypatch.setattr("engine.pair_trainers.build_policy", None)
+    monkeypatch.setattr("engine.models.builders.build_policy", None)
     cfg = load_config(RewardModelRunConfig, None, [f"trainer.output_dir={tmp_path / 'run'}", f"data.train={path}",
                                                    *COMMON, "data.num_eval=0"])
     with pytest.raises(ValueError, match=rf"^{path}: line 2 is not valid UTF-8 \(byte 0x80 at column 29: invalid "
@@ -250,7 +250,7 @@ def test_a_missing_model_directory_names_its_setting(tmp_path, monkeypatch, cls,
     extra = ["ppo.rewards=[accuracy]"] if setting == "ppo.critic_path" else []
     cfg = load_config(config, None, [f"trainer.output_dir={tmp_path / 'run'}", *COMMON, "data.num_eval=8",
                                      f"{setting}={missing}", *extra])
-    monkeypatch.setattr("engine.trainer.tiny_model", None)  # no model work before the check
+    monkeypatch.setattr("engine.models.builders.tiny_model", None)  # no model work before the check
     with pytest.raises(FileNotFoundError, match=rf"^{setting}='{missing}': the directory does not exist"):
         cls(cfg)
 

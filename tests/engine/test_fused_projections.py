@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.generation import Generator, SamplingParams
-from engine.models import LlamaFamilyModel, tiny_model
+from engine.generation.model_runner import LlamaFamilyModel
+from engine.models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,10 +1,10 @@
-"""engine.metrics: the metrics.jsonl logger and ``rlhf-engine plot``."""
+"""engine.runs.metrics: the metrics.jsonl logger and ``rlhf-engine plot``."""
 
 import json
 
 import pytest
 
-from engine.metrics import PLOTTED, MetricsLogger, plot_run, read_metrics
+from engine.runs.metrics import PLOTTED, MetricsLogger, plot_run, read_metrics
 
 
 def test_logger_writes_one_json_line_per_step(tmp_path):

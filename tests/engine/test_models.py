@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from engine.generation.attention import AttentionMetadata, TorchAttention, TritonAttention
-from engine.models import LlamaFamilyModel, load_policy, tiny_config, tiny_model, train_bpe_tokenizer
+from engine.generation.model_runner import LlamaFamilyModel
+from engine.models import load_policy, tiny_config, tiny_model, train_bpe_tokenizer
 from kernels._backend import HAS_TRITON
 
 CPU = torch.device("cpu")

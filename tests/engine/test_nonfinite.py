@@ -13,15 +13,16 @@ import re
 import pytest
 import torch
 
-import engine.sft_trainer as sft_module
+import engine.trainers.sft as sft_module
 from engine.algorithms.batching import clip_and_step
-from engine.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from engine.runs.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from engine.config import GRPORunConfig, SFTRunConfig, load_config
-from engine.metrics import read_metrics
+from engine.runs.metrics import read_metrics
 from engine.models import tiny_model
-from engine.optim import MasterWeightAdamW, NonFiniteWeightsError, update_would_overflow
-from engine.sft_trainer import SFTTrainer
-from engine.trainer import GRPOTrainer, NonFiniteLossError
+from engine.algorithms.optim import MasterWeightAdamW, NonFiniteWeightsError, update_would_overflow
+from engine.trainers.sft import SFTTrainer
+from engine.trainers.base import NonFiniteLossError
+from engine.trainers.grpo import GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

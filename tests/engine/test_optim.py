@@ -1,4 +1,4 @@
-"""engine.optim: AdamW with float32 master weights for bf16/fp16 parameters, the learning-rate schedule."""
+"""engine.algorithms.optim: AdamW with float32 master weights for bf16/fp16 parameters, the learning-rate schedule."""
 
 import copy
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import OptimConfig
-from engine.optim import MasterWeightAdamW, lr_factor, make_optimizer, make_scheduler
+from engine.algorithms.optim import MasterWeightAdamW, lr_factor, make_optimizer, make_scheduler
 
 
 def tiny_net(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:

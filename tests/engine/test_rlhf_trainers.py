@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from engine.algorithms.dpo import reference_logprobs
-from engine.checkpoint import checkpoint_dir, is_complete
+from engine.runs.checkpoint import checkpoint_dir, is_complete
 from engine.cli import main
 from engine.config import DPORunConfig, PPORunConfig, RewardModelRunConfig, load_config
-from engine.metrics import read_metrics
+from engine.runs.metrics import read_metrics
 from engine.models.value_model import sequence_scores
-from engine.optim import MasterWeightAdamW
-from engine.pair_trainers import DPOTrainer, RewardModelTrainer
-from engine.ppo_trainer import PPOTrainer
+from engine.algorithms.optim import MasterWeightAdamW
+from engine.trainers.preference import DPOTrainer, RewardModelTrainer
+from engine.trainers.ppo import PPOTrainer
 
 COMMON = [
     "model.tiny_overrides={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",

@@ -80,8 +80,8 @@ def grpo_gaps(run_dir, perturb: float = 0.0) -> list[float]:
     from a copy of the policy whose weights carry that much Gaussian noise (a deliberately mismatched rollout)."""
     from engine.config import GRPORunConfig, load_config
     from engine.generation import Generator
-    from engine.metrics import read_metrics
-    from engine.trainer import GRPOTrainer
+    from engine.runs.metrics import read_metrics
+    from engine.trainers.grpo import GRPOTrainer
 
     tr = GRPOTrainer(load_config(GRPORunConfig, None, [
         f"trainer.output_dir={run_dir}", *RUN, "grpo.prompts_per_step=2", "grpo.num_generations=4",
@@ -108,8 +108,8 @@ def test_grpo_measures_a_small_real_gap_and_a_mismatched_generator_moves_it(tmp_
 @pytest.mark.usefixtures("one_thread")
 def test_ppo_logs_the_mismatch_of_its_first_actor_step(tmp_path):
     from engine.config import PPORunConfig, load_config
-    from engine.metrics import read_metrics
-    from engine.ppo_trainer import PPOTrainer
+    from engine.runs.metrics import read_metrics
+    from engine.trainers.ppo import PPOTrainer
 
     PPOTrainer(load_config(PPORunConfig, None, [
         f"trainer.output_dir={tmp_path}", *RUN, f"ppo.rewards=[{__name__}:length_reward]", "ppo.prompts_per_step=4",

@@ -15,13 +15,13 @@ import textwrap
 
 import pytest
 
-import engine.checkpoint as ckpt
-from engine.checkpoint import MARKER, checkpoint_dir, find_latest_checkpoint, is_complete
+import engine.runs.checkpoint as ckpt
+from engine.runs.checkpoint import MARKER, checkpoint_dir, find_latest_checkpoint, is_complete
 from engine.config import GRPORunConfig, SFTRunConfig, load_config
-from engine.metrics import read_metrics
-from engine.run_dir import LOCK_FILE, RunDirectory, RunDirectoryError
-from engine.sft_trainer import SFTTrainer
-from engine.trainer import GRPOTrainer
+from engine.runs.metrics import read_metrics
+from engine.runs.directory import LOCK_FILE, RunDirectory, RunDirectoryError
+from engine.trainers.sft import SFTTrainer
+from engine.trainers.grpo import GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_a_second_trainer_on_a_held_directory_fails_at_once_naming_the_pid(tmp_p
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from engine.run_dir import RunDirectory
+    from engine.runs.directory import RunDirectory
     run = RunDirectory.open(sys.argv[1], resume="auto", overwrite=False)
     print("locked", flush=True)
     time.sleep(120)

@@ -1,10 +1,10 @@
-"""engine.stats.wilson_interval against hand-computed values, its edge cases and its errors."""
+"""engine.algorithms.stats.wilson_interval against hand-computed values, its edge cases and its errors."""
 
 import math
 
 import pytest
 
-from engine.stats import wilson_interval
+from engine.algorithms.stats import wilson_interval
 
 
 def test_wilson_interval_values():

@@ -24,12 +24,13 @@ import torch
 
 import kernels as K
 from engine.algorithms import make_batch, policy_update, response_logprobs
-from engine.checkpoint import MARKER, checkpoint_dir, is_complete
+from engine.runs.checkpoint import MARKER, checkpoint_dir, is_complete
 from engine.config import GRPOConfig, GRPORunConfig, SFTRunConfig, load_config
-from engine.metrics import read_metrics
+from engine.runs.metrics import read_metrics
 from engine.models import tiny_model
-from engine.sft_trainer import SFTTrainer
-from engine.trainer import GRPOTrainer, NonFiniteLossError
+from engine.trainers.sft import SFTTrainer
+from engine.trainers.base import NonFiniteLossError
+from engine.trainers.grpo import GRPOTrainer
 from kernels.loss_agg import LOSS_AGG_MODES
 
 MAX_TOKENS = 8

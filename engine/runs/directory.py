@@ -22,6 +22,7 @@ one:
 
 from __future__ import annotations
 
+import logging
 import errno
 import os
 import re
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 from engine.config import save_config
+
+log = logging.getLogger("rlhf_engine")
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
@@ -86,7 +89,7 @@ class RunDirectory:
                         f"it with trainer.resume=auto, start over with trainer.overwrite=true (the old contents are "
                         f"moved to {path}/{_ASIDE_PREFIX}<time>/), or choose another trainer.output_dir")
                 aside = run.move_aside()
-                print(f"[rlhf-engine] trainer.overwrite=true: the previous run in {path} was moved to {aside} "
+                log.info(f"trainer.overwrite=true: the previous run in {path} was moved to {aside} "
                       "(delete it when you no longer need it)")
         except BaseException:
             run.close()

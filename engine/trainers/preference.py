@@ -8,10 +8,9 @@ pass scores chosen and rejected together (``make_pair_batch``: 2x rows).
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -19,50 +18,13 @@ import kernels as K
 from engine.algorithms.batching import clip_and_step, make_pair_batch
 from engine.algorithms.dpo import dpo_step_loss, reference_logprobs, sequence_logprobs
 from engine.algorithms.reward_model import pairwise_metrics, reward_model_loss, score_pairs
+from engine.algorithms.stats import wilson_interval
 from engine.data import load_records
 from engine.data.preferences import render_pair, split_pairs, to_preference_pairs, tokenize_pairs
-from engine.models.value_model import load_value_model, value_model_from_causal_lm
-from engine.stats import wilson_interval
-from engine.trainer import BaseTrainer, build_policy, resolve_dtype_name, resolve_model_dir
+from engine.models.builders import build_reward_model
+from engine.trainers.base import BaseTrainer
 
-
-def is_value_model_dir(path: Path) -> bool:
-    """True when the checkpoint at ``path`` is a ``*ForSequenceClassification`` (a reward model or critic)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    archs = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
-def load_reward_model(path: str | Path, device: torch.device, dtype: torch.dtype):
-    """``(frozen reward model, tokenizer)`` from a reward-model run directory or checkpoint (``ValueError`` for a
-    checkpoint of another kind, or one without a tokenizer)."""
-    from transformers import AutoTokenizer
-
-    path = resolve_model_dir(path)
-    model = load_value_model(path, dtype=dtype, device=device).requires_grad_(False)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"reward model {path} has no readable tokenizer: {err}") from None
-    return model, tokenizer
-
-
-def build_reward_model(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
-    """``(reward_model, tokenizer)`` to train, for ``model_cfg``: a reward-model checkpoint as it is; a causal LM
-    checkpoint (a run directory of ``rlhf-engine sft``, say) or a random tiny model with a fresh value head on its
-    body (InstructGPT initialises the reward model from the SFT policy)."""
-    if model_cfg.path and is_value_model_dir(resolve_model_dir(model_cfg.path)):
-        model, tokenizer = load_reward_model(model_cfg.path, device, resolve_dtype_name(model_cfg.dtype, device))
-        model.requires_grad_(True).train()
-    else:
-        lm, tokenizer = build_policy(model_cfg, device, seed=seed, texts=texts)
-        model = value_model_from_causal_lm(lm, seed=seed)
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
+log = logging.getLogger("rlhf_engine")
 
 
 class PairTrainer(BaseTrainer):
@@ -97,7 +59,7 @@ class PairTrainer(BaseTrainer):
         self.train_examples, stats = tokenize_pairs(self.train_records, self.tokenizer, **kwargs)
         self.eval_examples, eval_stats = tokenize_pairs(self.eval_records, self.tokenizer, **kwargs)
         self.data_stats = {"train": stats, "eval": eval_stats}
-        print(f"[rlhf-engine] pairs: train {stats}, held-out {eval_stats}")
+        log.info(f"pairs: train {stats}, held-out {eval_stats}")
         if not self.train_examples:
             raise ValueError(f"no training pair is left after tokenization ({stats})")
 
@@ -192,7 +154,7 @@ class DPOTrainer(PairTrainer):
                                                   autocast_dtype=self.autocast, average=self.average_logps)
             for i, e in enumerate(examples):
                 self.ref_logps[id(e)] = (chosen[i], rejected[i])
-        print(f"[rlhf-engine] reference log-probs of {len(self.ref_logps)} pairs in {time.perf_counter() - t0:.1f}s")
+        log.info(f"reference log-probs of {len(self.ref_logps)} pairs in {time.perf_counter() - t0:.1f}s")
 
     def _ref(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = torch.stack([self.ref_logps[id(e)][0] for e in examples]).to(self.device)
@@ -232,5 +194,4 @@ class DPOTrainer(PairTrainer):
                 "eval/num_pairs": len(self.eval_examples)}
 
 
-__all__ = ["DPOTrainer", "PairTrainer", "RewardModelTrainer", "build_reward_model", "is_value_model_dir",
-           "load_reward_model"]
+__all__ = ["DPOTrainer", "PairTrainer", "RewardModelTrainer"]

@@ -7,7 +7,7 @@ from engine.rewards import accuracy_reward, format_reward
 
 
 def evaluate_accuracy(generator, tokenizer, examples: list, *, max_tokens: int) -> dict[str, float]:
-    """``{"eval/accuracy", "eval/format", "eval/mean_length"}`` over ``examples`` (``engine.tasks.Example`` with an
+    """``{"eval/accuracy", "eval/format", "eval/mean_length"}`` over ``examples`` (``engine.data.tasks.Example`` with an
     ``answer`` column), greedy decoding through ``generator`` (the policy's own weights)."""
     if not examples:
         return {}

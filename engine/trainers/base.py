@@ -4,42 +4,36 @@
 
 and the loop around it logs, evaluates, checkpoints (atomically; ``trainer.resume=auto`` continues exactly), skips
 non-finite steps (stopping after ``max_consecutive_nonfinite`` in a row) and checkpoints on Ctrl-C. ``BaseTrainer``
-holds what SFT and GRPO share; ``engine.sft_trainer.SFTTrainer`` is the cold start.
+holds what SFT and GRPO share; ``engine.trainers.sft.SFTTrainer`` is the cold start.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.algorithms import compute_advantages, make_batch, policy_update, response_logprobs
-from engine.algorithms.grpo import PolicyUpdateResult
-from engine.checkpoint import (
+from engine.algorithms.optim import make_optimizer, make_scheduler, sync_lr
+from engine.data.tasks import load_task, tokenize
+from engine.models.builders import build_policy, resolve_device
+from engine.runs.checkpoint import (
     capture_rng_state,
-    find_latest_checkpoint,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
-from engine.data import char_tokenizer
-from engine.evaluation import evaluate_accuracy
-from engine.generation import Generator, SamplingParams
-from engine.metrics import MetricsLogger
-from engine.models import load_policy, require_local_dir, tiny_model, train_bpe_tokenizer
-from engine.optim import make_optimizer, make_scheduler, sync_lr
-from engine.rewards import compute_rewards, load_reward
-from engine.run_dir import RunDirectory
-from engine.stats import nanmean
-from engine.tasks import load_task, tokenize
+from engine.runs.directory import RunDirectory
+from engine.runs.metrics import MetricsLogger
+from engine.trainers.evaluation import evaluate_accuracy
+
+log = logging.getLogger("rlhf_engine")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,66 +65,6 @@ def skip_cause(metrics: dict) -> str:
             f"gradient norm ({grad_norm:.4g})")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``trainer.device``: ``"auto"`` is CUDA when available, else the CPU; anything else is passed to torch."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def resolve_dtype_name(name: str, device: torch.device) -> torch.dtype:
-    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 on CUDA, float32 elsewhere."""
-    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-            "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or the newest complete checkpoint of a run directory (one holding ``checkpoints/``)."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"{path} is a run directory without a complete checkpoint")
-        return latest
-    return path
-
-
-def build_tokenizer(model_cfg, texts=None):
-    """The tokenizer of a random model: the character tokenizer, a directory's, or (``bpe[:N]``) a byte-level BPE
-    trained on ``texts`` (an iterable of strings; required then)."""
-    spec = model_cfg.tokenizer
-    if spec is None:
-        return char_tokenizer()
-    if spec.startswith("bpe"):
-        if texts is None:
-            raise ValueError(f"model.tokenizer={spec!r} needs training texts to learn the BPE from")
-        vocab = int(spec.partition(":")[2] or 2048)
-        return train_bpe_tokenizer(texts, vocab_size=vocab)
-    from transformers import AutoTokenizer
-
-    require_local_dir(spec, "model.tokenizer")  # else transformers calls a missing directory a bad Hub repo id
-    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-
-
-def build_policy(model_cfg, device: torch.device, *, seed: int = 0, texts=None):
-    """``(model, tokenizer)``: a checkpoint (``model.path``: a HF directory, or a run directory whose newest complete
-    checkpoint is used) or a tiny random model of ``model.arch`` with the tokenizer of ``build_tokenizer`` (``texts``
-    feed a ``bpe`` tokenizer)."""
-    dtype = resolve_dtype_name(model_cfg.dtype, device)
-    if model_cfg.path:
-        path = resolve_model_dir(require_local_dir(model_cfg.path, "model.path"))
-        model, tokenizer = load_policy(str(path), dtype=dtype, device=device)
-        if tokenizer is None:
-            raise ValueError(f"model.path={model_cfg.path} has no tokenizer; training needs one")
-    else:
-        tokenizer = build_tokenizer(model_cfg, texts)
-        overrides = dict(model_cfg.tiny_overrides)
-        model = tiny_model(model_cfg.arch, preset=model_cfg.preset, vocab_size=len(tokenizer), dtype=dtype,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           bos_token_id=tokenizer.bos_token_id, seed=seed, **overrides).to(device)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
-
-
 def seed_everything(seed: int) -> None:
     """Seed python ``random``, numpy and torch (CPU and CUDA) with ``seed``."""
     random.seed(seed)
@@ -154,7 +88,7 @@ class _DeferredInterrupt:
             self.forced = True
             raise KeyboardInterrupt
         self.pending = True
-        print("\n[rlhf-engine] Ctrl-C: stopping after this step (press again to stop now, without a checkpoint)")
+        log.info("Ctrl-C: stopping after this step (press again to stop now, without a checkpoint)")
 
     def check(self) -> None:
         if self.pending:
@@ -175,7 +109,7 @@ class BaseTrainer:
         self.cfg = cfg
         t = cfg.trainer
         # First, before any work: this process becomes the run directory's only writer, and a fresh start never lands
-        # in another run's directory (engine.run_dir).
+        # in another run's directory (engine.runs.directory).
         self.run = RunDirectory.open(t.output_dir, resume=t.resume, overwrite=t.overwrite)
         try:
             self._set_up(cfg, model, tokenizer)
@@ -213,7 +147,7 @@ class BaseTrainer:
                     (c["optimizer"], c["scheduler"]) for c in self.checkpoint_components().values()
                     if c.get("optimizer") is not None and c.get("scheduler") is not None]:
                 sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
-            print(f"[rlhf-engine] resumed from {resume} at step {self.state['step']}")
+            log.info(f"resumed from {resume} at step {self.state['step']}")
         self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
 
     # ------------------------------------------------------------------------------------------------ set-up hooks
@@ -240,7 +174,7 @@ class BaseTrainer:
         self.train_examples, dropped = tokenize(self.train_records, self.tokenizer, data, builtin=builtin)
         self.eval_examples, eval_dropped = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
         if dropped or eval_dropped:
-            print(f"[rlhf-engine] prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
+            log.info(f"prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
                   f"{dropped} of {len(self.train_records)} training, {eval_dropped} of {len(self.eval_records)} "
                   "held-out")
         if not self.train_examples:
@@ -307,7 +241,7 @@ class BaseTrainer:
             zero = metrics.get("grad_norm") == 0.0
             self.state["zero_grad_in_a_row"] = self.state.get("zero_grad_in_a_row", 0) + 1 if zero else 0
             if self.state["zero_grad_in_a_row"] == t.zero_grad_warn_steps:
-                print(f"[rlhf-engine] warning: step {step}: the gradient norm was exactly 0 for "
+                log.warning(f"step {step}: the gradient norm was exactly 0 for "
                       f"{t.zero_grad_warn_steps} steps in a row (steps {step - t.zero_grad_warn_steps + 1}-{step}): "
                       "nothing is learning. Dead weights after too large an optim.lr, or (GRPO) no reward variance "
                       "within any group? (trainer.zero_grad_warn_steps)")
@@ -315,7 +249,7 @@ class BaseTrainer:
         cause = cause or skip_cause(metrics)
         self.state["nonfinite_in_a_row"] += 1
         self.state["skipped_steps"] += 1
-        print(f"[rlhf-engine] step {step}: {cause}: optimizer step skipped")
+        log.warning(f"step {step}: {cause}: optimizer step skipped")
         if self.state["nonfinite_in_a_row"] >= t.max_consecutive_nonfinite:
             if "non-finite reward" in cause:
                 hint = "check the reward functions or the reward model"
@@ -378,7 +312,7 @@ class BaseTrainer:
                     break
         except KeyboardInterrupt:
             if not interrupt.forced:
-                print(f"\n[rlhf-engine] interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
+                log.info(f"interrupted: checkpoint at step {self.state['step']} -> {self.save()}")
             raise
         finally:
             interrupt.restore()
@@ -387,143 +321,3 @@ class BaseTrainer:
         return metrics
 
 
-class RolloutTrainer(BaseTrainer):
-    """What the on-policy trainers (GRPO, PPO) share: the ``Generator`` on the policy's own weights, sampling
-    ``num_generations`` completions per prompt, and the old / reference log-probs of a rollout batch. Subclasses set
-    ``algo`` (the config section with ``num_generations`` and ``rollout_is``)."""
-
-    algo = ""
-
-    def __init__(self, cfg, *, model=None, tokenizer=None):
-        if cfg.generation.temperature <= 0:
-            raise ValueError(f"generation.temperature must be > 0 for {self.kind.upper()}, got "
-                             f"{cfg.generation.temperature}: the policy gradient needs samples from the policy")
-        super().__init__(cfg, model=model, tokenizer=tokenizer)
-        g = cfg.generation
-        self.generator = Generator(self.model, self.tokenizer, max_num_seqs=g.max_num_seqs,
-                                   attention_backend=g.attention_backend,
-                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
-        self.eval_max_tokens = g.max_tokens
-
-    @property
-    def algo_cfg(self):
-        return getattr(self.cfg, self.algo)
-
-    def prepare_examples(self) -> None:
-        """The tokenized prompts; raises ``ValueError`` when ``prompts_per_step`` exceeds their number (every step
-        would draw some prompt twice, and its group would count twice in the batch's statistics)."""
-        super().prepare_examples()
-        want, have = self.algo_cfg.prompts_per_step, len(self.train_examples)
-        if want > have:
-            raise ValueError(f"{self.algo}.prompts_per_step={want} is more than the {have} training prompts (after "
-                             "data.num_eval held out and prompts over data.max_prompt_tokens left out): every step "
-                             "would draw some prompts twice; lower it or add prompts")
-
-    def rollout(self, examples: list, step: int) -> tuple[list, list]:
-        """Sample ``num_generations`` completions per prompt, seeded by ``(trainer.seed, step)``; returns (examples
-        repeated per sample, completions in the same order)."""
-        g, n = self.cfg.generation, self.algo_cfg.num_generations
-        base = (self.cfg.trainer.seed * 1_000_003 + step) * 4096
-        params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                 max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
-        was_training = self.model.training
-        self.model.eval()
-        outs = self.generator.generate([e.prompt_ids for e in examples], params)
-        self.model.train(was_training)
-        per_sample = [e for e in examples for _ in range(n)]
-        return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
-
-    def rollout_logprobs(self, completions: list, batch) -> torch.Tensor:
-        """``[B, T]`` float32: the generator's log-probs of the sampled tokens, 0 on padding (filled on the host, one
-        copy to the device)."""
-        out = torch.zeros(batch.labels.shape, dtype=torch.float32)
-        for b, c in enumerate(completions):
-            out[b, :len(c.logprobs)] = torch.tensor(c.logprobs)
-        return out.to(self.device)
-
-    @torch.no_grad()
-    def old_and_ref_logprobs(self, batch, rollout_lp) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
-        them those of another distribution, then the trainer's; always recomputed with the trainer's forward when a
-        rollout-IS correction is asked for. Reference log-probs when there is a reference model (else None). Both
-        float32, 0 on padding."""
-        g = self.cfg.generation
-        mask = batch.response_mask
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            recompute = g.top_p < 1.0 or g.top_k > 0 or self.algo_cfg.rollout_is is not None
-            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
-            ref = None
-            if self.ref_model is not None:
-                ref = response_logprobs(self.ref_model, batch, temperature=g.temperature).float() * mask
-        return old.float() * mask, ref
-
-
-class GRPOTrainer(RolloutTrainer):
-    """GRPO with rule-based rewards on the policy's own rollouts (``cfg``: a ``GRPORunConfig``)."""
-
-    kind = "grpo"
-    algo = "grpo"
-
-    def __init__(self, cfg, *, model=None, tokenizer=None):
-        super().__init__(cfg, model=model, tokenizer=tokenizer)
-        self.reward_fns = [load_reward(spec) for spec in cfg.grpo.rewards]
-
-    def before_resume(self) -> None:
-        # The reference is the initial policy: copied before a checkpoint overwrites the weights on resume.
-        self.ref_model = None
-        if self.cfg.grpo.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        examples, completions = self.rollout(self.next_examples(cfg.grpo.prompts_per_step), step)
-        t_gen = time.perf_counter() - t0
-
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        columns = {k: [e.record.get(k) for e in examples] for k in examples[0].record if k != "prompt"}
-        totals, per_fn = compute_rewards(self.reward_fns, cfg.grpo.reward_weights,
-                                         [e.record["prompt"] for e in examples], texts, columns)
-        scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
-        bad_reward = nonfinite_reward_cause(totals, per_fn)
-
-        t1 = time.perf_counter()
-        batch = make_batch([e.prompt_ids for e in examples], [c.token_ids for c in completions],
-                           self.tokenizer.pad_token_id or 0, self.device)
-        rollout_lp = self.rollout_logprobs(completions, batch)
-        if bad_reward is None:
-            advantages = compute_advantages(scores, cfg.grpo.num_generations, norm_by_std=cfg.grpo.norm_adv_by_std,
-                                            unbiased_std=cfg.grpo.unbiased_std, epsilon=cfg.grpo.epsilon)
-            old_lp, ref_lp = self.old_and_ref_logprobs(batch, rollout_lp)
-            corr = {}
-            for epoch in range(cfg.grpo.ppo_epochs):  # pass 1 is on-policy; later ones reuse the rollout (old_lp fixed)
-                result = policy_update(self.model, self.optimizer, batch, old_lp, advantages, ref_logprobs=ref_lp,
-                                       cfg=cfg.grpo, temperature=cfg.generation.temperature,
-                                       max_grad_norm=cfg.optim.max_grad_norm, rollout_logprobs=rollout_lp,
-                                       autocast_dtype=self.autocast, loss_scale_factor=cfg.generation.max_tokens,
-                                       measure_rollout_corr=epoch == 0)  # pass 1 runs the rollout's weights
-                corr = corr or {k: v for k, v in result.metrics.items() if k.startswith("rollout_corr/")}
-                if not result.stepped:
-                    break
-            result.metrics.update(corr)
-        else:  # no advantage can be formed from an infinite reward: nothing to learn from this batch
-            old_lp = rollout_lp
-            result = PolicyUpdateResult({"loss": float("nan"), "grad_norm": float("nan")}, stepped=False)
-        t_update = time.perf_counter() - t1
-        self.record_step_outcome(result.stepped, result.metrics, cause=bad_reward)
-
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        group_std = scores.view(-1, cfg.grpo.num_generations).std(-1)
-        metrics = {
-            "reward": scores.mean().item(),
-            "reward_std": group_std.mean().item(),  # as TRL: the mean of the groups' reward stds
-            "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-            **{f"rewards/{name}/mean": nanmean(vals) for name, vals in per_fn.items()},
-            "completions/mean_length": lengths.mean().item(),
-            "completions/clipped_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            **result.metrics,
-            "perf/tokens_per_sec": float(lengths.sum()) / max(t_gen + t_update, 1e-9),
-            "perf/time/generate": t_gen,
-            "perf/time/update": t_update,
-        }
-        return metrics

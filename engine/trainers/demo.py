@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from engine.checkpoint import find_latest_checkpoint
 from engine.config import GRPORunConfig, SFTRunConfig, load_config
-from engine.metrics import plot_run
+from engine.runs.checkpoint import find_latest_checkpoint
+from engine.runs.metrics import plot_run
 
 MODEL = "model.tiny_overrides={hidden_size: 128, num_layers: 4, num_heads: 4, num_kv_heads: 4, intermediate_size: 512}"
 
@@ -28,8 +28,8 @@ def run_demo(output_dir: str = "runs/demo", *, digits: int = 3, ops: str = "+", 
              sft_target: float = 0.3, grpo_steps: int = 150, grpo_budget_s: float = 420.0, seed: int = 0,
              num_eval: int = 200, style: str = "reverse", sft_max_steps: int = 5000) -> dict[str, float]:
     """Run the demo; returns ``{"sft_accuracy", "grpo_accuracy", "seconds"}`` (held-out greedy accuracy)."""
-    from engine.sft_trainer import SFTTrainer
-    from engine.trainer import GRPOTrainer
+    from engine.trainers.grpo import GRPOTrainer
+    from engine.trainers.sft import SFTTrainer
 
     start = time.time()
     root = Path(output_dir)

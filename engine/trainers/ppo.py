@@ -13,6 +13,7 @@ names (``critic/vf_loss``, ``critic/advantages/mean``, ``actor/pg_clipfrac``, ``
 
 from __future__ import annotations
 
+import logging
 import copy
 import time
 
@@ -27,13 +28,20 @@ from engine.algorithms import (
     ppo_epochs,
     token_level_rewards,
 )
-from engine.models.loading import require_local_dir
-from engine.models.value_model import load_value_model, sequence_scores, value_model_from_causal_lm
-from engine.optim import make_optimizer, make_scheduler
-from engine.pair_trainers import load_reward_model
+from engine.algorithms.optim import make_optimizer, make_scheduler
+from engine.algorithms.stats import nanmean
+from engine.models.loading import require_local_dir, resolve_model_dir
+from engine.models.value_model import (
+    load_reward_model,
+    load_value_model,
+    sequence_scores,
+    value_model_from_causal_lm,
+)
 from engine.rewards import compute_rewards, load_reward
-from engine.stats import nanmean
-from engine.trainer import RolloutTrainer, nonfinite_reward_cause, resolve_model_dir, skip_cause
+from engine.trainers.base import nonfinite_reward_cause, skip_cause
+from engine.trainers.rollout import RolloutTrainer
+
+log = logging.getLogger("rlhf_engine")
 
 
 def _same_vocab(a, b) -> bool:
@@ -92,7 +100,7 @@ class PPOTrainer(RolloutTrainer):
         if self.reward_model is not None and self.rm_same_vocab:
             return copy.deepcopy(self.reward_model).requires_grad_(True).train()
         if self.reward_model is not None:
-            print("[rlhf-engine] the reward model's tokenizer differs from the policy's: the critic starts from the "
+            log.warning("the reward model's tokenizer differs from the policy's: the critic starts from the "
                   "policy's body with a fresh value head")
         return value_model_from_causal_lm(self.model, seed=self.cfg.trainer.seed)
 

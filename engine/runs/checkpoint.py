@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.optim import NonFiniteWeightsError, nonfinite_tensors
+from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rlhf_engine.checkpoint")
 
 MARKER = "COMPLETE"
 CHECKPOINTS_DIR = "checkpoints"

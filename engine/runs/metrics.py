@@ -3,11 +3,14 @@ and TensorBoard / Weights & Biases when installed and asked for."""
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
 import time
 from pathlib import Path
+
+log = logging.getLogger("rlhf_engine")
 
 
 class MetricsLogger:
@@ -42,14 +45,14 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError as e:
-                print(f"[rlhf-engine] tensorboard requested but unavailable ({e}); logging to metrics.jsonl only")
+                log.warning(f"tensorboard requested but unavailable ({e}); logging to metrics.jsonl only")
         if wandb:
             try:
                 import wandb as _wandb
 
                 self._wandb = _wandb.init(project="rlhf-engine", name=run_name, dir=str(self.path.parent))
             except ImportError as e:
-                print(f"[rlhf-engine] wandb requested but unavailable ({e}); logging to metrics.jsonl only")
+                log.warning(f"wandb requested but unavailable ({e}); logging to metrics.jsonl only")
 
     def _truncate_from(self, step: int) -> None:
         """Keep the lines of steps ``<= step`` (the checkpoint covers them, step ``step`` included); none when ``step``

@@ -3,6 +3,7 @@ completion tokens only, with the loop, logging, evaluation and checkpoints of ``
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -11,7 +12,9 @@ import torch
 from engine.algorithms import make_batch, sft_loss
 from engine.algorithms.batching import clip_and_step
 from engine.generation import Generator
-from engine.trainer import BaseTrainer
+from engine.trainers.base import BaseTrainer
+
+log = logging.getLogger("rlhf_engine")
 
 
 class SFTTrainer(BaseTrainer):
@@ -57,7 +60,7 @@ class SFTTrainer(BaseTrainer):
                 self.truncated_completions += 1
             self.targets[id(e)] = ids + [eos]
         if self.truncated_completions:
-            print(f"[rlhf-engine] SFT: {self.truncated_completions} of {len(self.train_examples)} completions cut "
+            log.info(f"SFT: {self.truncated_completions} of {len(self.train_examples)} completions cut "
                   f"to fit data.max_length={data.max_length} tokens (prompt + completion + EOS)")
 
     @property

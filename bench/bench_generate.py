@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,16 @@ def timed(fn, dev: str) -> tuple[float, object, float | None]:
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None
     return seconds, out, peak
+
+
+def without_extension(run):
+    """``run()`` with the compiled extension switched off (``RLHF_ENGINE_BUILD_EXT=0`` is read on every dispatch),
+    relabelled ``ours_noext``: the generator on its PyTorch/Triton paths, in the same process."""
+    os.environ["RLHF_ENGINE_BUILD_EXT"] = "0"
+    try:
+        return {**run(), "impl": "ours_noext"}
+    finally:
+        os.environ.pop("RLHF_ENGINE_BUILD_EXT", None)
 
 
 def run_ours(model, prompts, args, dev, shared_prefix: bool = True, enforce_eager: bool | None = None,
@@ -144,6 +155,9 @@ def main() -> None:
     p.add_argument("--compare-fused-projections", action="store_true",
                    help="also run ours with fuse_projections=True (one GEMM for q/k/v, one for gate/up, over "
                         "concatenated weight copies) and time the copies' refresh")
+    p.add_argument("--compare-extension", action="store_true",
+                   help="also run ours with the compiled extension off (RLHF_ENGINE_BUILD_EXT=0; CPU attention, "
+                        "draw and K/V store on their PyTorch paths)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the generator's max_model_len (default: the model's; a graph plans its decode for it)")
     p.add_argument("--out", default=None)
@@ -168,6 +182,8 @@ def main() -> None:
         runners.append(lambda: run_ours(model, prompts, args, dev, enforce_eager=True))
     if args.compare_fused_projections:
         runners.append(lambda: run_ours(model, prompts, args, dev, fuse_projections=True))
+    if args.compare_extension:
+        runners.append(lambda: without_extension(lambda: run_ours(model, prompts, args, dev, enforce_eager=eager)))
     if not args.no_hf:
         runners.append(lambda: run_hf(model, prompts, args, dev))
     runs = [[] for _ in runners]
@@ -202,6 +218,9 @@ def main() -> None:
         print(f"fused q/k/v and gate/up projections / separate: "
               f"{by_impl['ours_fused']['tokens_per_s'] / by_impl['ours']['tokens_per_s']:.2f}x; refreshing the "
               f"copies after a weight update: {by_impl['ours_fused']['fused_refresh_s'] * 1e3:.2f} ms")
+    if "ours_noext" in by_impl:
+        print(f"compiled extension on / off: "
+              f"{by_impl['ours']['tokens_per_s'] / by_impl['ours_noext']['tokens_per_s']:.2f}x")
     if "ours_noshare" in by_impl:
         print(f"shared prefix on / off: {by_impl['ours']['tokens_per_s'] / by_impl['ours_noshare']['tokens_per_s']:.2f}x")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \

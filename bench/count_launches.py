@@ -28,7 +28,7 @@ from engine.generation.attention import AttentionMetadata, TritonAttention  # no
 from engine.generation.model_runner import LlamaFamilyModel  # noqa: E402
 from engine.models import tiny_model  # noqa: E402
 from kernels import _backend  # noqa: E402
-from tests.engine.test_models import eager_forward  # noqa: E402
+from tests.engine.models.test_models import eager_forward  # noqa: E402
 
 
 def kernels_per_call(fn, cuda: bool) -> int:

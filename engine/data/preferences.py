@@ -293,7 +293,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Any, *, max_length: i
 
 
 def split_pairs(pairs: list, num_eval: int) -> tuple[list, list]:
-    """``(train, eval)``: the LAST ``num_eval`` pairs are held out (the same convention as ``engine/tasks.py``'s
+    """``(train, eval)``: the LAST ``num_eval`` pairs are held out (the same convention as ``engine/data/tasks.py``'s
     ``load_task``, so SFT, RM, DPO and PPO runs on one file hold out the same rows). ``num_eval=0`` ->
     ``(pairs, [])``. Raises ``ValueError`` when ``num_eval`` is negative or ``num_eval >= len(pairs)`` (nothing
     would be left to train on)."""

@@ -12,7 +12,7 @@ from engine.runs.checkpoint import checkpoint_dir, find_latest_checkpoint, is_co
 from engine.cli import main
 from engine.runs.metrics import read_metrics
 from engine.runs.directory import RunDirectoryError
-from tests.engine.test_rlhf_trainers import write_pairs
+from tests.engine.trainers.test_rlhf_trainers import write_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

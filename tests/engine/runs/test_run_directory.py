@@ -87,7 +87,7 @@ HOLDER = textwrap.dedent("""
 
 def test_the_lock_of_another_process_is_refused_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirectoryError, match=rf"pid {holder.pid} holds"):

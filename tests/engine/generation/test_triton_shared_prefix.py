@@ -5,7 +5,7 @@ dense reference for groups of 1..5 members (padded slots ignored), prefixes of 1
 several blocks, GQA 1/2/3/7, block sizes 1/4/16, head dims 16/64; rows outside any group read their whole context;
 no cache slot outside a context is read, none but the new tokens' is written.
 
-The cases come from ``tests/engine/test_shared_prefix.py`` (``grouped_case``: a shuffled pool whose unused slots hold
+The cases come from ``tests/engine/generation/test_shared_prefix.py`` (``grouped_case``: a shuffled pool whose unused slots hold
 large garbage). ``PrefixGroups`` are built here by hand, so that they can hold a group of one, rows left out of their
 prompt's group, and padding wider than the largest group (``PrefixGroups.build`` makes none of these). Triton runs in
 the CPU interpreter here (tests/conftest.py), where its tiles are 16 tokens and at most 32 query rows, so the cases
@@ -23,8 +23,8 @@ from engine.generation.attention.base import write_kv
 from engine.generation.attention.metadata import PrefixGroups
 from kernels._backend import HAS_TRITON, interpreting
 from tests._numerics import assert_close
-from tests.engine.test_attention import assert_within_baseline
-from tests.engine.test_shared_prefix import dense_decode, grouped_case
+from tests.engine.generation.test_attention import assert_within_baseline
+from tests.engine.generation.test_shared_prefix import dense_decode, grouped_case
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON or not (torch.cuda.is_available() or interpreting()),
                                 reason="needs triton with CUDA or TRITON_INTERPRET=1")

@@ -144,8 +144,8 @@ def test_load_reward_by_name_and_path():
     assert load_reward("accuracy") is accuracy_reward
     assert load_reward("format") is format_reward
     assert set(REWARDS) >= {"accuracy", "format"}
-    assert load_reward("tests.engine.test_rewards:my_reward") is my_reward
-    assert load_reward("tests.engine.test_rewards.my_reward") is my_reward  # TRL's dotted form
+    assert load_reward("tests.engine.rewards.test_rewards:my_reward") is my_reward
+    assert load_reward("tests.engine.rewards.test_rewards.my_reward") is my_reward  # TRL's dotted form
     assert load_reward("engine.rewards.format:format_reward") is format_reward
     assert load_reward(my_reward) is my_reward
 
@@ -154,8 +154,8 @@ def test_load_reward_by_name_and_path():
     ("no_such_reward", ValueError, "unknown reward 'no_such_reward'.*accuracy"),
     ("", ValueError, "registry name"),
     ("tests.engine.no_such_module:fn", ModuleNotFoundError, "cannot import module 'tests.engine.no_such_module'"),
-    ("tests.engine.test_rewards:no_such_fn", AttributeError, "has no attribute 'no_such_fn'"),
-    ("tests.engine.test_rewards:NOT_CALLABLE", TypeError, "'NOT_CALLABLE' is a int, not a callable"),
+    ("tests.engine.rewards.test_rewards:no_such_fn", AttributeError, "has no attribute 'no_such_fn'"),
+    ("tests.engine.rewards.test_rewards:NOT_CALLABLE", TypeError, "'NOT_CALLABLE' is a int, not a callable"),
     (":fn", ValueError, "module:function"),
 ])
 def test_load_reward_errors(spec, error, message):

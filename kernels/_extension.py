@@ -129,6 +129,10 @@ def load_all() -> bool:
                               f"use the PyTorch/Triton fallback. kernels._extension.extension_error() has the log; "
                               f"{ENV_BUILD}=0 silences this", RuntimeWarning, stacklevel=3)
         _done = True
+        if any(_loaded.values()):
+            from kernels import _fake_ops  # shape functions: torch.compile traces through the compiled ops
+
+            _fake_ops.register(NAMESPACE, {n for n in _fake_ops.FAKES if hasattr(getattr(torch.ops, NAMESPACE), n)})
         return bool(_loaded) and all(_loaded.values())
 
 

@@ -118,3 +118,19 @@ def test_cuda_race_sample_draws_what_the_eager_sampler_draws(monkeypatch, S, V, 
         tok_g, lp_g = op(logits, temperature, ka, kb)
     graph.replay()
     assert tok_g.tolist() == tok.tolist() and torch.equal(lp_g, lp)
+
+
+def test_every_compiled_op_has_a_shape_function(ext):
+    # torch.compile traces a custom op through its fake kernel: a new op without one would break compilation
+    from kernels import _fake_ops
+
+    ops = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+           if n.startswith("rlhf_engine::")}
+    assert ops and ops <= set(_fake_ops.FAKES), sorted(ops - set(_fake_ops.FAKES))
+
+
+def test_compiled_ops_run_under_torch_compile(ext):
+    r, v = torch.randn(3, 7), torch.randn(3, 7)
+    m = torch.rand(3, 7) > 0.3
+    fn = torch.compile(lambda r, v, m: ext.gae(r, v, m, 0.9, 0.8, True)[0] * 2.0, fullgraph=True)
+    torch.testing.assert_close(fn(r, v, m), ext.gae(r, v, m, 0.9, 0.8, True)[0] * 2.0)

@@ -635,7 +635,8 @@ def kernel_modules() -> list[str]:
     names = []
     for prefix, package in PACKAGES.items():
         pkg = importlib.import_module(package)
-        names += [f"{prefix}.{m.name}" if prefix else m.name for m in pkgutil.iter_modules(pkg.__path__)]
+        names += [f"{prefix}.{m.name}" if prefix else m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if m.name != "__main__"]  # kernels/__main__.py is the extension's build command, not a module
     return sorted(names)
 
 

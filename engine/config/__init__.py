@@ -24,6 +24,7 @@ from engine.config.sections import (
 )
 
 __all__ = [
+    "ATTENTION_BACKENDS", "LR_SCHEDULES", "MODEL_ARCHS", "MODEL_DTYPES", "MODEL_PRESETS", "ROLLOUT_IS_LEVELS",
     "ConfigError", "DPOConfig", "DPORunConfig", "DataConfig", "GRPOConfig", "GRPORunConfig", "GenerationConfig",
     "ModelConfig", "OptimConfig", "PPOConfig", "PPORunConfig", "PairTrainingConfig", "PolicyLossConfig",
     "RewardModelConfig", "RewardModelRunConfig", "RunConfig", "SFTConfig", "SFTRunConfig", "Section", "TrainerConfig",

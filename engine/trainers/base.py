@@ -1,10 +1,7 @@
-"""The lean training loop. ``GRPOTrainer.step`` reads as its phases:
-
-    rollout (the Generator, on the policy's own weights) -> rewards -> advantages -> policy update -> metrics
-
-and the loop around it logs, evaluates, checkpoints (atomically; ``trainer.resume=auto`` continues exactly), skips
-non-finite steps (stopping after ``max_consecutive_nonfinite`` in a row) and checkpoints on Ctrl-C. ``BaseTrainer``
-holds what SFT and GRPO share; ``engine.trainers.sft.SFTTrainer`` is the cold start.
+"""The loop every trainer shares (``BaseTrainer``): it logs, evaluates, checkpoints (atomically;
+``trainer.resume=auto`` continues exactly), skips non-finite steps (stopping after ``max_consecutive_nonfinite`` in a
+row) and checkpoints on Ctrl-C; a trainer defines ``total_steps`` and ``train_step(step) -> metrics``
+(``engine.trainers.grpo``, ``.ppo``, ``.sft``, ``.preference``).
 """
 
 from __future__ import annotations

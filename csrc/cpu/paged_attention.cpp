@@ -27,16 +27,21 @@ struct Dims {
   int64_t H, H_kv, D, r, block_size, num_blocks;
 };
 
-Dims check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  check_cpu(q, "q");
-  check_dim(q, 3, "q");
-  check_float(q, "q");
+// The paged K/V caches: CPU, [num_blocks, block_size, H_kv, D], one float dtype for both.
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   check_cpu(k_cache, "k_cache");
   check_dim(k_cache, 4, "k_cache");
   check_float(k_cache, "k_cache");
   check_cpu(v_cache, "v_cache");
   check_same_shape(v_cache, "v_cache", k_cache, "k_cache");
   check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
+}
+
+Dims check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_cpu(q, "q");
+  check_dim(q, 3, "q");
+  check_float(q, "q");
+  check_caches(k_cache, v_cache);
   TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() || k_cache.scalar_type() == at::kFloat,
                    "k_cache must have q's dtype ", q.scalar_type(), " or float32, got ", k_cache.scalar_type());
   const int64_t H = q.size(1), D = q.size(2), H_kv = k_cache.size(2);
@@ -299,12 +304,7 @@ std::tuple<at::Tensor, at::Tensor> paged_prefix_attention(const at::Tensor& q, c
 // its last token's values.
 void reshape_and_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping) {
-  check_cpu(k_cache, "k_cache");
-  check_dim(k_cache, 4, "k_cache");
-  check_float(k_cache, "k_cache");
-  check_cpu(v_cache, "v_cache");
-  check_same_shape(v_cache, "v_cache", k_cache, "k_cache");
-  check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
+  check_caches(k_cache, v_cache);
   check_cpu(k, "k");
   check_dim(k, 3, "k");
   check_dtype(k, k_cache.scalar_type(), "k");

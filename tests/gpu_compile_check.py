@@ -72,7 +72,7 @@ TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, 32-thread warps
 DEVICE_FUNCTIONS = {
     "_math._log1p", "_math._logsigmoid", "_math._sigmoid",
     "kl._kl_value_and_grad", "loss_agg.token_tile", "advantages._masked_mean", "sampling._fmix32",
-    "rope_cache._rope_pair", "attention.triton_backend._merge_part",
+    "rope_cache._rope_pair", "attention.triton_cascade._merge_part",
 }
 
 
@@ -433,7 +433,7 @@ def cascade_variants(V) -> list[Variant]:
     """Shared-prefix (cascade) decode (``shared_prefix_decode_attention``): the suffix pass of the split kernel
     (``HAS_START``, float32 scratch, ``stride_lh = 1`` when one split covers the longest context), the prefix kernel
     with the tiles ``prefix_tiles`` picks for ``M`` members x ``G`` query heads, and the merge kernel."""
-    tb = V.attention.triton_backend
+    tb, tc = V.attention.triton_backend, V.attention.triton_cascade
     torch_dtype = {"fp32": V.torch.float32, "bf16": V.torch.bfloat16, "fp16": V.torch.float16}
     rows = []
     # suffix: (G, D, block size, q dtype, cache dtype, one split)
@@ -463,7 +463,7 @@ def cascade_variants(V) -> list[Variant]:
             (2, 4, 256, 16, "bf16", "bf16", False, False), (7, 5, 80, 1, "fp32", "bf16", False, False),
             (4, 16, 128, 16, "fp32", "fp32", False, False), (1, 2, 64, 3, "fp32", "fp32", True, True),
             (16, 4, 256, 16, "fp32", "fp32", False, False), (2, 16, 256, 256, "fp16", "fp16", True, False)]:
-        t = tb.prefix_tiles(M * G, D, torch_dtype[c_dt], interpret=False)
+        t = tc.prefix_tiles(M * G, D, torch_dtype[c_dt], interpret=False)
         sig = {"O": "*fp32", "LSE": "*fp32", "Q": p(q_dt), "K_CACHE": p(c_dt), "V_CACHE": p(c_dt),
                "GROUP_ROWS": "*i64", "GROUP_VALID": "*u8", "GROUP_BLOCKS": "*i64", "GROUP_NUM_BLOCKS": "*i64",
                "scale_log2": "fp32", "D": "i32", "M": "i32", "split_len": "i32", "stride_qs": "i32",
@@ -475,7 +475,7 @@ def cascade_variants(V) -> list[Variant]:
         for arg, val in (("G", G), ("n_rblocks", -(-(M * G) // t.block_r)), ("stride_lh", 1 if one else 2),
                          ("stride_gb", 1 if b1 else 2)):  # 1 is a constexpr at launch
             (const if val == 1 else sig)[arg] = val if val == 1 else "i32"
-        rows.append(Variant("attention.triton_backend._shared_prefix_kernel",
+        rows.append(Variant("attention.triton_cascade._shared_prefix_kernel",
                             f"G={G} M={M} D={D} block={bs} q={q_dt} cache={c_dt} one_split={one} one_block={b1} "
                             f"BLOCK_R={t.block_r} BLOCK_N={t.block_n}", sig, const, num_warps=t.num_warps))
     # merge: (D, out dtype, one prefix split, one suffix split)
@@ -490,7 +490,7 @@ def cascade_variants(V) -> list[Variant]:
         const = {"stride_outd": 1, "BLOCK_SIZE": 16, "BLOCK_D": block_d}
         for arg, one in (("stride_plh", one_p), ("stride_slh", one_s)):
             (const if one else sig)[arg] = 1 if one else "i32"
-        rows.append(Variant("attention.triton_backend._cascade_merge_kernel",
+        rows.append(Variant("attention.triton_cascade._cascade_merge_kernel",
                             f"D={D} out={dt} one_prefix_split={one_p} one_suffix_split={one_s}", sig, const,
                             num_warps=1 if block_d <= 64 else 2))
     return rows

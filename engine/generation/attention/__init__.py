@@ -10,11 +10,8 @@ from engine.generation.attention.base import AttentionBackend, write_kv
 from engine.generation.attention.flash_attn_backend import HAS_FLASH_ATTN, FlashAttnBackend
 from engine.generation.attention.metadata import AttentionMetadata
 from engine.generation.attention.torch_backend import TorchAttention
-from engine.generation.attention.triton_backend import (
-    TritonAttention,
-    paged_decode_attention,
-    shared_prefix_decode_attention,
-)
+from engine.generation.attention.triton_backend import TritonAttention, paged_decode_attention
+from engine.generation.attention.triton_cascade import shared_prefix_decode_attention
 from kernels._backend import HAS_TRITON, interpreting
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.generation.attention import AttentionMetadata, TorchAttention, TritonAttention, paged_decode_attention
-from engine.generation.attention import triton_backend as tb
+from engine.generation.attention import triton_cascade as tc
 from engine.generation.attention.base import write_kv
 from engine.generation.attention.metadata import PrefixGroups
 from kernels._backend import HAS_TRITON, interpreting
@@ -168,8 +168,8 @@ def test_unused_slots_are_never_read(device):
 def test_the_backend_takes_the_cascade_only_with_prefix_groups(monkeypatch, device):
     assert TritonAttention.supports_prefix_groups
     calls = []
-    real = tb.shared_prefix_decode_attention
-    monkeypatch.setattr(tb, "shared_prefix_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = tc.shared_prefix_decode_attention
+    monkeypatch.setattr(tc, "shared_prefix_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     spec, bs, H, H_kv, D = CASES["G2-b1-D16"]
     cascade, plain, _, _ = run_cascade(spec, bs, H, H_kv, D, torch.float32, device=device)
     assert calls == [1]  # the plain forward (no groups) did not take it
@@ -189,14 +189,14 @@ def test_no_host_synchronisation(monkeypatch, device):
     def readback(*_args, **_kwargs):
         raise AssertionError("the cascade launcher read a tensor value back to the host")
 
-    tb.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len, 0.125,
+    tc.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len, 0.125,
                                       groups, split_size=16)  # compile first (Triton's own launch bookkeeping)
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, readback)
     if q.is_cuda:
         torch.cuda.set_sync_debug_mode("error")
     try:
-        out = tb.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens,
+        out = tc.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens,
                                                 meta.max_context_len, 0.125, groups, split_size=16)
     finally:
         if q.is_cuda:
@@ -206,11 +206,11 @@ def test_no_host_synchronisation(monkeypatch, device):
 
 
 def test_prefix_tiles():
-    assert tb.prefix_tiles(56, 128, torch.bfloat16, interpret=False) == (64, 64, 128, 8)  # Qwen2.5-7B, 8 samples
-    assert tb.prefix_tiles(8, 64, torch.float16, interpret=False) == (16, 64, 64, 4)  # padded to the dot minimum
-    assert tb.prefix_tiles(200, 256, torch.bfloat16, interpret=False) == (64, 32, 256, 8)  # several row blocks
-    assert tb.prefix_tiles(56, 80, torch.float32, interpret=False) == (16, 16, 128, 4)  # float32: FMA dot tiles
-    assert tb.prefix_tiles(35, 16, interpret=True) == (32, 16, 16, 4)
+    assert tc.prefix_tiles(56, 128, torch.bfloat16, interpret=False) == (64, 64, 128, 8)  # Qwen2.5-7B, 8 samples
+    assert tc.prefix_tiles(8, 64, torch.float16, interpret=False) == (16, 64, 64, 4)  # padded to the dot minimum
+    assert tc.prefix_tiles(200, 256, torch.bfloat16, interpret=False) == (64, 32, 256, 8)  # several row blocks
+    assert tc.prefix_tiles(56, 80, torch.float32, interpret=False) == (16, 16, 128, 4)  # float32: FMA dot tiles
+    assert tc.prefix_tiles(35, 16, interpret=True) == (32, 16, 16, 4)
 
 
 def test_bad_prefix_groups_are_refused():
@@ -219,5 +219,5 @@ def test_bad_prefix_groups_are_refused():
     groups = _with_blocks(groups_by_hand(spec), tables)
     groups.seq_prefix_blocks = groups.seq_prefix_blocks[:-1]
     with pytest.raises(ValueError, match="seq_prefix_blocks"):
-        tb.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len,
+        tc.shared_prefix_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, meta.max_context_len,
                                           0.25, groups)

@@ -7,13 +7,12 @@ only at response positions, with ``kernels.fused_linear_logprobs`` (the ``[N, V]
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 import kernels as K
-from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
+from engine.algorithms.accumulation import mixed_precision
 
 
 @dataclass
@@ -40,6 +39,13 @@ class TokenBatch:
         padded length ``T`` of the whole batch is kept."""
         return TokenBatch(*(t[sl] for t in (self.input_ids, self.attention_mask, self.response_index, self.labels,
                                              self.response_mask)))
+
+
+def check_like_mask(name: str, t: torch.Tensor, shape: torch.Size) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor of ``shape`` (the response mask's ``[B, T]``)."""
+    if not isinstance(t, torch.Tensor) or t.shape != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape {tuple(shape)} (like response_mask), got {got}")
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> TokenBatch:
@@ -82,32 +88,6 @@ def make_pair_batch(prompts: list[list[int]], chosen: list[list[int]], rejected:
     return make_batch(list(prompts) + list(prompts), list(chosen) + list(rejected), pad_id, device)
 
 
-def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple[float, bool]:
-    """Finish an accumulated step: clip the gradient norm to ``max_grad_norm`` and step ``optimizer`` unless the loss
-    (``finite`` False) or the gradient norm is non-finite, or the update would overflow float16 weights
-    (``engine.algorithms.optim.update_would_overflow``, checked before the step so that the weights and the optimizer state are
-    left as they were); the gradients are zeroed either way, so a bad step never reaches the weights. Returns
-    ``(grad_norm, stepped)`` (grad_norm NaN when the loss was non-finite; ``stepped`` False with a finite loss and
-    gradient norm means the update was refused).
-
-    After a step the updated parameters are checked (one fused reduction): non-finite weights that were not foreseen
-    raise ``NonFiniteWeightsError`` naming them, before anything can save them."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else float("nan")
-    stepped = finite and math.isfinite(grad_norm) and not update_would_overflow(optimizer)
-    if stepped:
-        optimizer.step()
-        bad = nonfinite_tensors(named)
-        if bad:
-            raise NonFiniteWeightsError(
-                f"the optimizer step made {len(bad)} of {len(named)} parameter tensors non-finite ({bad[:4]}"
-                f"{'...' if len(bad) > 4 else ''}) with a finite loss and gradient norm ({grad_norm:.4g}); the run "
-                "stops and no checkpoint is written from these weights: lower optim.lr")
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, stepped
-
-
 def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs ``[B, T]`` float32 of the response tokens under ``model`` (a HF causal LM), 0 where padded; with
     ``return_entropy`` also the entropy ``[B, T]``. Differentiable in the model's parameters.
@@ -144,8 +124,7 @@ def map_pairs(model, pairs: list, row_fn, *, pad_id: int, device, batch_size: in
             chunk = pairs[start:start + batch_size]
             batch = make_pair_batch([p.prompt_ids for p in chunk], [p.chosen_ids for p in chunk],
                                     [p.rejected_ids for p in chunk], pad_id, device)
-            with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
+            with mixed_precision(batch.input_ids.device.type, autocast_dtype):
                 values = row_fn(model, batch).float().cpu()
             chosen_out.append(values[:len(chunk)])
             rejected_out.append(values[len(chunk):])

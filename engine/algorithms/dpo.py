@@ -15,6 +15,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.batching import TokenBatch, map_pairs, response_logprobs
+from engine.algorithms.stats import wilson_interval
 
 
 def sequence_logprobs(model, batch: TokenBatch, *, average: bool = False) -> torch.Tensor:
@@ -89,3 +90,33 @@ def dpo_step_loss(policy, batch: TokenBatch, ref_chosen_logps: torch.Tensor, ref
     metrics["logps/chosen"] = chosen.detach().mean()
     metrics["logps/rejected"] = rejected.detach().mean()
     return loss, metrics
+
+
+def evaluate_dpo(policy, pairs: list, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+                 pad_id: int, device, beta: float, loss_type: str, label_smoothing: float = 0.0,
+                 average: bool = False, batch_size: int = 32, autocast_dtype: torch.dtype | None = None
+                 ) -> dict[str, float]:
+    """Held-out DPO metrics of ``policy`` on ``P`` pairs (``engine.data.preferences.TokenizedPair``), against the
+    reference's sequence log-probs ``ref_chosen_logps`` / ``ref_rejected_logps`` (``[P]``, ``reference_logprobs``).
+
+    The policy's sequence log-probs come from ``reference_logprobs`` (no gradient, eval mode, ``batch_size`` pairs per
+    forward pass); the loss and metrics from ``kernels.dpo_loss`` with ``beta``, ``loss_type``, ``label_smoothing``
+    over all ``P`` pairs at once. Returns host floats: ``eval/loss``, ``eval/rewards/{chosen,rejected,accuracies,
+    margins}`` (TRL's names), the 95% Wilson interval of the reward accuracy (``eval/rewards/accuracies_ci_low|high``,
+    ``engine.algorithms.stats.wilson_interval``) and ``eval/num_pairs``. Raises ``ValueError`` for ``P == 0`` or
+    reference tensors that are not ``[P]``."""
+    P = len(pairs)
+    if P == 0:
+        raise ValueError("evaluate_dpo needs at least one pair")
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if tuple(ref.shape) != (P,):
+            raise ValueError(f"{name} must have shape ({P},) for {P} pairs, got {tuple(ref.shape)}")
+    chosen, rejected = reference_logprobs(policy, pairs, pad_id=pad_id, device=device, batch_size=batch_size,
+                                          autocast_dtype=autocast_dtype, average=average)
+    ref_chosen, ref_rejected = ref_chosen_logps.detach().float().cpu(), ref_rejected_logps.detach().float().cpu()
+    loss, metrics = K.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
+                               label_smoothing=label_smoothing)
+    wins = int((((chosen - ref_chosen) - (rejected - ref_rejected)) > 0).sum())
+    low, high = wilson_interval(wins, P)
+    return {"eval/loss": float(loss), **{f"eval/{k}": float(v) for k, v in metrics.items()},
+            "eval/rewards/accuracies_ci_low": low, "eval/rewards/accuracies_ci_high": high, "eval/num_pairs": P}

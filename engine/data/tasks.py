@@ -13,13 +13,23 @@ held-out problems of the built-in task, else the last ``num_eval`` training rows
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.data import RAW_TEMPLATE, arithmetic_sft_completion, arithmetic_splits, format_prompt, load_records
 from engine.data.gsm8k import to_prompt_record
-from engine.data.preferences import content_kind, preview, to_preference_pairs
+from engine.data.preferences import (
+    content_kind,
+    preview,
+    render_pair,
+    split_pairs,
+    to_preference_pairs,
+    tokenize_pairs,
+)
+
+log = logging.getLogger("rlhf_engine")
 
 _BUILTIN = re.compile(r"^builtin:arithmetic(?::(\d+))?(?::([+\-*]+))?(?::(answer|echo|reverse))?$")
 _GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
@@ -159,3 +169,76 @@ def tokenize(records: list[dict], tokenizer, data, *, builtin: bool) -> tuple[li
             continue
         examples.append(Example(r, text, ids, _sft_completion(r)))
     return examples, dropped
+
+
+@dataclass
+class PromptTask:
+    """The prompts of a GRPO / PPO / SFT run: ``train_records`` and ``eval_records`` loaded and checked by
+    ``load_task`` (``builtin`` for the arithmetic task), tokenized by ``examples`` once a tokenizer exists."""
+
+    train_records: list[dict]
+    eval_records: list[dict]
+    builtin: bool
+
+    @classmethod
+    def load(cls, data) -> PromptTask:
+        """The records of ``data`` (a ``DataConfig``); ``load_task``'s errors."""
+        return cls(*load_task(data))
+
+    def texts(self):
+        """The training prompts and completions (the corpus of a ``bpe`` tokenizer trained for the run)."""
+        for r in self.train_records:
+            for key in ("prompt", "completion"):
+                if isinstance(r.get(key), str):
+                    yield r[key]
+
+    def examples(self, tokenizer, data) -> tuple[list[Example], list[Example]]:
+        """``(train_examples, eval_examples)``: the tokenized prompts (``tokenize``), logging how many were left out
+        for length. Raises ``ValueError`` when no training prompt fits ``data.max_prompt_tokens``."""
+        train, dropped = tokenize(self.train_records, tokenizer, data, builtin=self.builtin)
+        held_out, eval_dropped = tokenize(self.eval_records, tokenizer, data, builtin=self.builtin)
+        if dropped or eval_dropped:
+            log.info(f"prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: {dropped} of "
+                     f"{len(self.train_records)} training, {eval_dropped} of {len(self.eval_records)} held-out")
+        if not train:
+            raise ValueError(f"no training prompt fits data.max_prompt_tokens={data.max_prompt_tokens} "
+                             f"({dropped} dropped)")
+        return train, held_out
+
+
+@dataclass
+class PairTask:
+    """The preference pairs of a reward-model or DPO run, in TRL's formats (``engine.data.preferences``): the
+    training pairs and the held-out ones (``data.eval``, else the last ``data.num_eval`` of ``data.train``)."""
+
+    train_pairs: list
+    eval_pairs: list
+
+    @classmethod
+    def load(cls, data, *, allow_empty_response: bool = False) -> PairTask:
+        """The pairs of ``data`` (a ``DataConfig``); ``to_preference_pairs``' and ``split_pairs``' errors."""
+        pairs = to_preference_pairs(load_records(data.train, split="train"), source=data.train,
+                                    allow_empty_response=allow_empty_response)
+        if data.eval:
+            held_out = to_preference_pairs(load_records(data.eval, split="test", limit=data.num_eval or None),
+                                           source=data.eval, allow_empty_response=allow_empty_response)
+        else:
+            pairs, held_out = split_pairs(pairs, data.num_eval)
+        return cls(pairs, held_out)
+
+    def texts(self):
+        """The rendered prompts and responses of the training pairs (the corpus of a ``bpe`` tokenizer)."""
+        for pair in self.train_pairs:
+            yield from render_pair(pair)
+
+    def examples(self, tokenizer, data, *, max_length: int) -> tuple[list, list]:
+        """``(train_examples, eval_examples)`` of ``TokenizedPair``: at most ``max_length`` tokens a row, prompts at
+        most ``data.max_prompt_tokens`` (``tokenize_pairs``); the counts kept, cut and dropped are logged. Raises
+        ``ValueError`` when no training pair is left."""
+        kwargs = {"max_length": max_length, "max_prompt_length": min(data.max_prompt_tokens, max_length - 1)}
+        train, stats = tokenize_pairs(self.train_pairs, tokenizer, **kwargs)
+        held_out, eval_stats = tokenize_pairs(self.eval_pairs, tokenizer, **kwargs)
+        log.info(f"pairs: train {stats}, held-out {eval_stats}")
+        if not train:
+            raise ValueError(f"no training pair is left after tokenization ({stats})")
+        return train, held_out

@@ -36,6 +36,7 @@ REWARDS: dict[str, RewardFn] = {
 __all__ = [
     "REWARDS", "RewardFn", "accuracy_reward", "answer_tag_reward", "answers_match", "completion_text",
     "compute_rewards", "extract_answer", "format_reward", "load_reward", "normalize_number", "reward_name",
+    "score_records",
 ]
 
 
@@ -180,3 +181,15 @@ def compute_rewards(fns: Sequence[RewardFn | str], weights: Sequence[float] | No
         warnings.warn(f"every reward function returned None for rows {missing[:8]}{'...' if len(missing) > 8 else ''}"
                       "; their total reward is 0.0", RuntimeWarning, stacklevel=2)
     return totals, per_fn
+
+
+def score_records(fns: Sequence[RewardFn | str], weights: Sequence[float] | None, records: Sequence[Mapping[str, Any]],
+                  completions: Sequence[Any]) -> tuple[list[float], dict[str, list[float | None]]]:
+    """``compute_rewards`` for completions of dataset records (one record per completion, a group's record repeated):
+    the prompts are the records' ``prompt`` and every other column is passed to the functions by name (TRL's
+    convention: ``answer``, ``solution``, ...). Returns ``(totals, per_fn)`` as ``compute_rewards``, with its errors;
+    ``ValueError`` when ``records`` is empty."""
+    if not records:
+        raise ValueError("score_records needs at least one record")
+    columns = {key: [r.get(key) for r in records] for key in records[0] if key != "prompt"}
+    return compute_rewards(fns, weights, [r["prompt"] for r in records], completions, columns)

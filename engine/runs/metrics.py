@@ -1,5 +1,5 @@
-"""Run observability: metrics appended to ``<run>/metrics.jsonl`` every step (TRL/veRL names), a tqdm progress bar,
-and TensorBoard / Weights & Biases when installed and asked for."""
+"""Run observability: metrics appended to ``<run>/metrics.jsonl`` every step (names: ``engine.runs.vocabulary``), a
+tqdm progress bar, and TensorBoard / Weights & Biases when installed and asked for."""
 
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-PLOTTED = ("reward", "eval/reward", "eval/accuracy", "eval/rewards/accuracies", "kl", "completions/mean_length",
-           "response_length/mean", "critic/vf_loss", "loss", "eval/loss", "entropy")
+# names of the engine's vocabulary (engine.runs.vocabulary), one panel each when the run has them
+PLOTTED = ("reward", "eval/reward", "eval/accuracy", "eval/rewards/accuracies", "kl", "objective/kl",
+           "completions/mean_length", "critic/vf_loss", "loss", "eval/loss", "entropy")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

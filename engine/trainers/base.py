@@ -1,11 +1,12 @@
 """The loop every trainer shares (``BaseTrainer``): it logs, evaluates, checkpoints (atomically;
 ``trainer.resume=auto`` continues exactly), skips non-finite steps (stopping after ``max_consecutive_nonfinite`` in a
-row) and checkpoints on Ctrl-C; a trainer defines ``total_steps`` and ``train_step(step) -> metrics``
+row) and checkpoints on Ctrl-C; a trainer builds its parts and defines ``train_step(step) -> metrics``
 (``engine.trainers.grpo``, ``.ppo``, ``.sft``, ``.preference``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.algorithms.optim import make_optimizer, make_scheduler, sync_lr
-from engine.data.tasks import load_task, tokenize
+from engine.data.tasks import PromptTask
 from engine.models.builders import build_policy, resolve_device
 from engine.runs.checkpoint import (
     capture_rng_state,
@@ -62,6 +63,24 @@ def skip_cause(metrics: dict) -> str:
             f"gradient norm ({grad_norm:.4g})")
 
 
+def autocast_dtype(model, device: torch.device) -> torch.dtype | None:
+    """Mixed precision follows the parameters: bf16/fp16 weights on CUDA compute under autocast to their dtype
+    (``engine.algorithms.mixed_precision``); float32 weights, and any weights on the CPU, compute as they are."""
+    dtype = next(model.parameters()).dtype
+    return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def policy_and_prompts(cfg, device: torch.device, model=None, tokenizer=None) -> tuple:
+    """``(model, tokenizer, train_examples, eval_examples)`` of a prompt-driven run (SFT, GRPO, PPO): the prompts of
+    ``cfg.data`` (``PromptTask``) tokenized by the policy's tokenizer; the policy is ``model`` when one is passed in,
+    else built from ``cfg.model`` (a ``bpe`` tokenizer is trained on the training prompts). The model is put in train
+    mode. ``PromptTask``'s and ``build_policy``'s errors."""
+    task = PromptTask.load(cfg.data)
+    if model is None:
+        model, tokenizer = build_policy(cfg.model, device, seed=cfg.trainer.seed, texts=task.texts())
+    return (model.train(), tokenizer, *task.examples(tokenizer, cfg.data))
+
+
 def seed_everything(seed: int) -> None:
     """Seed python ``random``, numpy and torch (CPU and CUDA) with ``seed``."""
     random.seed(seed)
@@ -97,98 +116,65 @@ class _DeferredInterrupt:
 
 
 class BaseTrainer:
-    """Model, tokenizer, data, optimizer, schedule, run directory, metrics and checkpoints; subclasses define
-    ``total_steps`` and ``train_step(step) -> metrics``."""
+    """The loop around a trainer's parts. A subclass builds its parts in its own ``__init__``, in order and in plain
+    sight, then hands over::
 
-    kind = "base"
+        def __init__(self, cfg, *, model=None, tokenizer=None):
+            super().__init__(cfg)              # the run directory (locked), the seeds, the device
+            with self.setting_up():            # the run directory is released if a part fails to build
+                ...                            # data, policy (self.model, self.tokenizer), reference, generator
+                self.start(total_steps=...)    # optimizer, schedule, then resume: the last step, always
 
-    def __init__(self, cfg, *, model=None, tokenizer=None):
+    and defines ``train_step(step) -> metrics``. Nothing in a constructor calls a method a subclass overrides."""
+
+    def __init__(self, cfg):
         self.cfg = cfg
         t = cfg.trainer
         # First, before any work: this process becomes the run directory's only writer, and a fresh start never lands
         # in another run's directory (engine.runs.directory).
         self.run = RunDirectory.open(t.output_dir, resume=t.resume, overwrite=t.overwrite)
+        self.run_dir = Path(t.output_dir)
+        with self.setting_up():
+            seed_everything(t.seed)
+            self.device = resolve_device(t.device)
+        self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
+
+    @contextlib.contextmanager
+    def setting_up(self):
+        """Wraps the construction of a trainer's parts: if one fails, the run directory is released (and the error
+        raised), so that a corrected command can use it at once."""
         try:
-            self._set_up(cfg, model, tokenizer)
+            yield
         except BaseException:
             self.run.close()
             raise
 
-    def _set_up(self, cfg, model, tokenizer) -> None:
-        t = cfg.trainer
-        seed_everything(t.seed)
-        self.device = resolve_device(t.device)
-        self.run_dir = Path(t.output_dir)
-        self.load_data()
-        if model is None:
-            model, tokenizer = self.build_model()
-        self.model, self.tokenizer = model.train(), tokenizer
-        self.prepare_examples()
-        # Mixed precision follows the parameters: bf16/fp16 weights on CUDA compute under autocast to their dtype;
-        # float32 weights (model.dtype=float32) train and generate in full float32.
-        param_dtype = next(self.model.parameters()).dtype
-        low = param_dtype in (torch.bfloat16, torch.float16)
-        self.autocast = param_dtype if self.device.type == "cuda" and low else None
-        self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps)
+    def start(self, *, total_steps: int, components: dict | None = None, state: dict | None = None) -> None:
+        """The last step of a construction, once ``self.model`` and ``self.tokenizer`` are built: the policy's
+        optimizer and schedule over ``total_steps``, the trainer state (``state`` adds trainer-specific keys, saved and
+        restored with it), and then, with ``trainer.resume``, the checkpoint loaded into the policy and into
+        ``components`` (``{name: {"model", "optimizer", "scheduler"}}`` checkpointed beside the policy: PPO's critic).
+        Parts that copy the *initial* weights (a reference policy) are built before this is called."""
+        t = self.cfg.trainer
+        self.total_steps = total_steps
+        self.components = components or {}
+        self.autocast = autocast_dtype(self.model, self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.optim, total_steps)
         self.state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0,
-                      "zero_grad_in_a_row": 0}
-        self.before_resume()
+                      "zero_grad_in_a_row": 0, **(state or {})}
         resume = resolve_resume(t.resume, self.run_dir)
-        if resume is not None:
-            loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     components=self.checkpoint_components())
-            self.state.update(loaded["trainer_state"])
-            restore_rng_state(loaded["rng_state"])
-            for opt, sched in [(self.optimizer, self.scheduler)] + [
-                    (c["optimizer"], c["scheduler"]) for c in self.checkpoint_components().values()
-                    if c.get("optimizer") is not None and c.get("scheduler") is not None]:
-                sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
-            log.info(f"resumed from {resume} at step {self.state['step']}")
-        self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
-
-    # ------------------------------------------------------------------------------------------------ set-up hooks
-    def load_data(self) -> None:
-        """Set ``train_records`` and ``eval_records`` (lists of dicts) from ``cfg.data``; prompts by default."""
-        self.train_records, self.eval_records, self._builtin_task = load_task(self.cfg.data)
-
-    def training_texts(self):
-        """Texts a ``bpe`` tokenizer is trained on: the training prompts and completions."""
-        for r in self.train_records:
-            if isinstance(r.get("prompt"), str):
-                yield r["prompt"]
-            if isinstance(r.get("completion"), str):
-                yield r["completion"]
-
-    def build_model(self):
-        """``(model, tokenizer)`` when none was passed in: the policy of ``cfg.model``."""
-        return build_policy(self.cfg.model, self.device, seed=self.cfg.trainer.seed, texts=self.training_texts())
-
-    def prepare_examples(self) -> None:
-        """Set ``train_examples`` and ``eval_examples`` from the records (tokenized prompts by default), printing how
-        many prompts were left out for length; raises ``ValueError`` when no training example is left."""
-        data, builtin = self.cfg.data, self._builtin_task
-        self.train_examples, dropped = tokenize(self.train_records, self.tokenizer, data, builtin=builtin)
-        self.eval_examples, eval_dropped = tokenize(self.eval_records, self.tokenizer, data, builtin=builtin)
-        if dropped or eval_dropped:
-            log.info(f"prompts longer than data.max_prompt_tokens={data.max_prompt_tokens} left out: "
-                  f"{dropped} of {len(self.train_records)} training, {eval_dropped} of {len(self.eval_records)} "
-                  "held-out")
-        if not self.train_examples:
-            raise ValueError(f"no training prompt fits data.max_prompt_tokens={data.max_prompt_tokens} "
-                             f"({dropped} dropped)")
-
-    def before_resume(self) -> None:
-        """Hook run once the model is built and before a checkpoint is loaded into it: copies of the *initial*
-        weights (GRPO's reference policy) are taken here, so that a resumed run has the same reference."""
-
-    def checkpoint_components(self) -> dict:
-        """Further models checkpointed beside the policy (``save_checkpoint(components=...)``): PPO's critic."""
-        return {}
-
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.trainer.max_steps
+        if resume is None:
+            return
+        loaded = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 components=self.components)
+        self.state.update(loaded["trainer_state"])
+        restore_rng_state(loaded["rng_state"])
+        for opt, sched in [(self.optimizer, self.scheduler)] + [
+                (c["optimizer"], c["scheduler"]) for c in self.components.values()
+                if c.get("optimizer") is not None and c.get("scheduler") is not None]:
+            sync_lr(opt, sched)  # the schedule of this run's length, not the saved run's
+        log.info(f"resumed from {resume} at step {self.state['step']}")
 
     # ------------------------------------------------------------------------------------------------------ data
     def next_examples(self, count: int) -> list:
@@ -219,8 +205,7 @@ class BaseTrainer:
         t = self.cfg.trainer
         return save_checkpoint(self.run_dir, self.state["step"], model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng_state=capture_rng_state(),
-                               trainer_state=dict(self.state), keep_last=t.keep_last,
-                               components=self.checkpoint_components())
+                               trainer_state=dict(self.state), keep_last=t.keep_last, components=self.components)
 
     def record_step_outcome(self, stepped: bool, metrics: dict, cause: str | None = None) -> None:
         """Book-keeping after ``train_step``'s optimizer step, or its refusal.

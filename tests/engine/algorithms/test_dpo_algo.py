@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.algorithms.batching import make_pair_batch
-from engine.algorithms.dpo import dpo_step_loss, reference_logprobs, sequence_logprobs
+from engine.algorithms.dpo import dpo_step_loss, evaluate_dpo, reference_logprobs, sequence_logprobs
 from engine.data.preferences import TokenizedPair
 from engine.models import tiny_model
 
@@ -136,6 +136,30 @@ def test_reference_logprobs_match_sequence_logprobs_per_pair():
     assert bool((ref_c < 0).all() and (ref_r < 0).all())
     empty = reference_logprobs(model, [], pad_id=PAD, device="cpu")
     assert empty[0].shape == empty[1].shape == (0,)
+
+
+@pytest.mark.parametrize("loss_type,eps,average", [("sigmoid", 0.1, False), ("ipo", 0.0, True)])
+def test_evaluate_dpo_matches_float64(loss_type, eps, average):
+    policy, ref = make_lm(seed=5).train(), make_lm(seed=6)
+    pairs = random_pairs(7, seed=8)
+    ref_c, ref_r = reference_logprobs(ref, pairs, pad_id=PAD, device="cpu", average=average)
+    got = evaluate_dpo(policy, pairs, ref_c, ref_r, pad_id=PAD, device="cpu", beta=0.3, loss_type=loss_type,
+                       label_smoothing=eps, average=average, batch_size=3)
+    assert policy.training  # the mode is restored
+    p64, r64 = copy.deepcopy(policy).double().eval(), copy.deepcopy(ref).double().eval()
+    with torch.no_grad():
+        pc, pr, rc, rr = (torch.stack([logp_f64(m, p.prompt_ids, getattr(p, side), average) for p in pairs])
+                          for m, side in ((p64, "chosen_ids"), (p64, "rejected_ids"), (r64, "chosen_ids"),
+                                          (r64, "rejected_ids")))
+    margins = (pc - rc) - (pr - rr)
+    assert got["eval/loss"] == pytest.approx(float(dpo_loss_f64(pc, pr, rc, rr, 0.3, loss_type, eps)), rel=1e-4)
+    assert got["eval/rewards/accuracies"] == pytest.approx(float((margins > 0).double().mean()))
+    assert got["eval/rewards/margins"] == pytest.approx(float(0.3 * margins.mean()), rel=1e-4, abs=1e-6)
+    assert got["eval/rewards/accuracies_ci_low"] <= got["eval/rewards/accuracies"] <= got[
+        "eval/rewards/accuracies_ci_high"]
+    assert got["eval/num_pairs"] == 7
+    with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape \(7,\)"):
+        evaluate_dpo(policy, pairs, ref_c[:3], ref_r, pad_id=PAD, device="cpu", beta=0.3, loss_type=loss_type)
 
 
 def test_a_few_dpo_steps_raise_the_reward_accuracy():

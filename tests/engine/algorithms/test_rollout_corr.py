@@ -92,7 +92,7 @@ def grpo_gaps(run_dir, perturb: float = 0.0) -> list[float]:
         with torch.no_grad():
             for p in other.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * perturb)
-        tr.generator = Generator(other, tr.tokenizer, attention_backend=None)
+        tr.rollout.generator = Generator(other, tr.tokenizer, attention_backend=None)
     tr.train()
     return [r["rollout_corr/logp_diff_max"] for r in read_metrics(run_dir)]
 

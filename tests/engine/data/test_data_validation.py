@@ -88,7 +88,7 @@ def test_sft_default_max_length_caps_a_1mb_completion(tmp_path):
 
 def test_sft_needs_max_length_above_max_prompt_tokens(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}])
-    monkeypatch.setattr("engine.trainers.base.tokenize", None)  # fails before the prompts are tokenized
+    monkeypatch.setattr("engine.trainers.base.PromptTask", None)  # fails before any data is loaded
     with pytest.raises(ValueError, match=r"data\.max_length=16 must be > data\.max_prompt_tokens=16"):
         SFTTrainer(sft_config(tmp_path, data, "data.max_length=16", "data.max_prompt_tokens=16"))
 

@@ -1,10 +1,12 @@
-"""engine.runs.metrics: the metrics.jsonl logger and ``rlhf-engine plot``."""
+"""engine.runs.metrics and .vocabulary: the metrics.jsonl logger, ``rlhf-engine plot`` and the one metric vocabulary."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from engine.runs.metrics import PLOTTED, MetricsLogger, plot_run, read_metrics
+from engine.runs.vocabulary import known, markdown_table
 
 
 def test_logger_writes_one_json_line_per_step(tmp_path):
@@ -18,7 +20,7 @@ def test_logger_writes_one_json_line_per_step(tmp_path):
 
 
 @pytest.mark.parametrize("kind, metrics", [
-    ("ppo", {"reward": -1.5, "kl": 0.1, "response_length/mean": 20.0, "critic/vf_loss": 0.3}),
+    ("ppo", {"reward": -1.5, "objective/kl": 0.1, "completions/mean_length": 20.0, "critic/vf_loss": 0.3}),
     ("rm", {"loss": 0.69, "eval/accuracy": 0.6, "eval/loss": 0.68}),
     ("dpo", {"loss": 0.69, "eval/rewards/accuracies": 0.55}),
 ])
@@ -29,6 +31,16 @@ def test_plot_draws_the_panels_a_run_has(tmp_path, kind, metrics):
     out = plot_run(tmp_path)
     assert out == tmp_path / "curves.png" and out.stat().st_size > 1000
     assert set(metrics) <= set(PLOTTED)
+
+
+def test_every_plotted_metric_is_in_the_vocabulary():
+    assert all(known(name) for name in PLOTTED)
+    assert not known("response_length/mean") and not known("actor/pg_loss")  # veRL's names are only mapped to
+
+
+def test_the_readme_table_is_the_vocabulary():
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    assert markdown_table() in readme, "README's metrics table is stale: paste engine.runs.vocabulary.markdown_table()"
 
 
 def test_plot_without_any_plotted_metric_names_them(tmp_path):

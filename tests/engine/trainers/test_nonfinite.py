@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engine.trainers.sft as sft_module
-from engine.algorithms.batching import clip_and_step
+from engine.algorithms.accumulation import clip_and_step
 from engine.runs.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from engine.config import GRPORunConfig, SFTRunConfig, load_config
 from engine.runs.metrics import read_metrics

@@ -23,6 +23,7 @@ from engine.runs.checkpoint import checkpoint_dir, is_complete
 from engine.cli import main
 from engine.config import DPORunConfig, PPORunConfig, RewardModelRunConfig, load_config
 from engine.runs.metrics import read_metrics
+from engine.runs.vocabulary import known
 from engine.models.value_model import sequence_scores
 from engine.algorithms.optim import MasterWeightAdamW
 from engine.trainers.preference import DPOTrainer, RewardModelTrainer
@@ -78,6 +79,7 @@ def test_reward_model_learns_separable_pairs_and_saves_a_from_pretrained_checkpo
     after = tr.evaluate()
 
     records = read_metrics(run)
+    assert all(known(k) for r in records for k in r)  # the engine's one metric vocabulary
     steps = 4 * 5  # 80 pairs / 16 per step, 4 epochs
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     losses = [r["loss"] for r in records]
@@ -137,6 +139,7 @@ def test_cli_rm_writes_the_run_directory(tmp_path, capsys):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2]
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[-1]
+    assert all(known(k) for r in records for k in r)
     assert is_complete(checkpoint_dir(run, 2))
     printed = capsys.readouterr().out
     assert '"eval/accuracy"' in printed  # the final metrics as JSON
@@ -270,22 +273,23 @@ def digit_reward(prompts, completions, **kwargs) -> list[float]:
 PPO = [*COMMON, "data.num_eval=8", f"generation.max_tokens={PPO_MAX_TOKENS}", "generation.temperature=1.0",
        f"ppo.rewards=[{__name__}:digit_reward]", "ppo.prompts_per_step=16", "ppo.mini_batch_size=8",
        "ppo.micro_batch_size=8", "ppo.ppo_epochs=2", "optim.lr=1e-2", "ppo.critic_lr=1e-2", "ppo.kl_coef=0.02"]
-VERL_METRICS = ("critic/vf_loss", "critic/vpred_mean", "critic/advantages/mean", "actor/pg_clipfrac", "actor/ppo_kl",
-                "kl", "reward", "actor/pg_loss", "critic/values/mean", "critic/returns/mean", "kl_coef")
+PPO_METRICS = ("critic/vf_loss", "critic/vpred_mean", "critic/advantages/mean", "clip_ratio/region_mean", "ppo_kl",
+               "objective/kl", "reward", "pg_loss", "critic/values/mean", "critic/returns/mean", "kl_coef")
 
 
 def ppo_trainer(run_dir, *overrides: str) -> PPOTrainer:
     return PPOTrainer(load_config(PPORunConfig, None, [f"trainer.output_dir={run_dir}", *PPO, *overrides]))
 
 
-def test_ppo_raises_a_rule_reward_and_logs_verl_metrics(tmp_path):
+def test_ppo_raises_a_rule_reward_and_logs_its_metrics(tmp_path):
     steps = 12
     tr = ppo_trainer(tmp_path, f"trainer.max_steps={steps}")
     tr.train()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for r in records:
-        bad = {k: r.get(k) for k in VERL_METRICS
+        assert all(known(k) for k in r), [k for k in r if not known(k)]  # the engine's one vocabulary
+        bad = {k: r.get(k) for k in PPO_METRICS
                if not (isinstance(r.get(k), (int, float)) and math.isfinite(r[k]))}
         assert not bad, f"step {r['step']}: missing or non-finite metrics {bad}"
         assert r["skipped_steps"] == 0 and r["ppo/updates"] == 4  # 2 epochs x 16 samples / 8 per mini-batch
@@ -293,7 +297,7 @@ def test_ppo_raises_a_rule_reward_and_logs_verl_metrics(tmp_path):
     rewards = [r["reward"] for r in records]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.2, rewards
-    assert records[-1]["kl"] > 0  # the actor left the reference
+    assert records[-1]["objective/kl"] > 0  # the actor left the reference
     ckpt = checkpoint_dir(tmp_path, steps)
     assert is_complete(ckpt)
     assert all((ckpt / "critic" / name).is_file() for name in ("config.json", "model.safetensors", "optimizer.pt"))
@@ -328,7 +332,7 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path):
     got = {r["step"]: r for r in read_metrics(half)}
     assert sorted(want) == sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
-        for key in ("reward", "kl", "kl_coef", "critic/vf_loss", "actor/pg_loss"):
+        for key in ("reward", "objective/kl", "kl_coef", "critic/vf_loss", "pg_loss"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
@@ -349,7 +353,8 @@ def test_ppo_against_a_trained_reward_model_on_pair_prompts(tmp_path):
     critic_start = snapshot(trainer.critic)
     assert all(torch.equal(rm_weights[k], critic_start[k]) for k in rm_weights)  # the critic starts as the RM
     metrics = trainer.train()
-    for name in ("reward", "kl", "critic/vf_loss", "critic/advantages/mean", "actor/pg_clipfrac", "eval/reward"):
+    for name in ("reward", "objective/kl", "critic/vf_loss", "critic/advantages/mean", "clip_ratio/region_mean",
+                 "eval/reward"):
         assert math.isfinite(metrics[name]), name
     assert all(torch.equal(rm_weights[k], v) for k, v in snapshot(trainer.reward_model).items())  # frozen
     assert any(not torch.equal(critic_start[k], v) for k, v in snapshot(trainer.critic).items())  # trained

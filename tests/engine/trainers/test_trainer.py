@@ -27,6 +27,7 @@ from engine.algorithms import make_batch, policy_update, response_logprobs
 from engine.runs.checkpoint import MARKER, checkpoint_dir, is_complete
 from engine.config import GRPOConfig, GRPORunConfig, SFTRunConfig, load_config
 from engine.runs.metrics import read_metrics
+from engine.runs.vocabulary import known
 from engine.models import tiny_model
 from engine.trainers.sft import SFTTrainer
 from engine.trainers.base import NonFiniteLossError
@@ -123,6 +124,7 @@ def test_grpo_learns_a_reward_and_logs_trl_metrics(tmp_path):
 
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, steps + 1))  # one line per step (eval_every=0: no step 0)
+    assert all(known(k) for r in records for k in r)  # the engine's one metric vocabulary
     assert len(REWARD_CALLS) == steps and all(len(c) == 16 for c in REWARD_CALLS)  # 4 prompts x 4 samples a step
     for r, scores in zip(records, REWARD_CALLS):
         bad = {k: r.get(k) for k in TRL_METRICS if not (isinstance(r.get(k), (int, float)) and math.isfinite(r[k]))}
@@ -220,15 +222,16 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, stop):
         grpo_trainer(tmp_path, "trainer.max_steps=2", *RESUME).train()
     else:
         tr = grpo_trainer(tmp_path, "trainer.max_steps=4", *RESUME)
-        name = "train_step" if stop == "ctrl_c" else "rollout"  # rollout: after the step drew its prompts
-        inner = getattr(tr, name)
+        # rollout.sample: after the step drew its prompts
+        owner, name = (tr, "train_step") if stop == "ctrl_c" else (tr.rollout, "sample")
+        inner = getattr(owner, name)
 
         def interrupted(*args):
             if args[-1] == 2:  # the step index is the last argument of both
                 raise KeyboardInterrupt
             return inner(*args)
 
-        setattr(tr, name, interrupted)
+        setattr(owner, name, interrupted)
         with pytest.raises(KeyboardInterrupt):
             tr.train()
     assert is_complete(checkpoint_dir(tmp_path, 2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.algorithms.batching import make_batch, response_logprobs
-from engine.algorithms.grpo import global_denominators, policy_update, rollout_is_weights
+from engine.algorithms.policy import global_denominators, policy_update, rollout_is_weights
 from engine.models import tiny_model
 from kernels.loss_agg import LOSS_AGG_MODES
 

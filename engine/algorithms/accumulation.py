@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
+from engine.distributed.context import all_reduce_sum, any_rank
 
 
 @dataclass
@@ -56,21 +57,27 @@ def clip_and_step(model, optimizer, max_grad_norm: float, finite: bool) -> tuple
     and gradient norm means the update was refused).
 
     After a step the updated parameters are checked (one fused reduction): non-finite weights that were not foreseen
-    raise ``NonFiniteWeightsError`` naming them, before anything can save them."""
+    raise ``NonFiniteWeightsError`` naming them (on every rank), before anything can save them."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else float("nan")
-    stepped = finite and math.isfinite(grad_norm) and not update_would_overflow(optimizer)
+    grad_norm = _global_norm(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if finite else float("nan")
+    # sharded (FSDP) parameters: the norm is global; the overflow check reads this rank's shards, so any rank decides
+    stepped = finite and math.isfinite(grad_norm) and not any_rank(update_would_overflow(optimizer))
     if stepped:
         optimizer.step()
         bad = nonfinite_tensors(named)
-        if bad:
+        if any_rank(bool(bad)):
             raise NonFiniteWeightsError(
                 f"the optimizer step made {len(bad)} of {len(named)} parameter tensors non-finite ({bad[:4]}"
                 f"{'...' if len(bad) > 4 else ''}) with a finite loss and gradient norm ({grad_norm:.4g}); the run "
                 "stops and no checkpoint is written from these weights: lower optim.lr")
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
+
+
+def _global_norm(norm: torch.Tensor) -> float:
+    """The gradient norm as a float; a sharded model's (a ``DTensor``) is already reduced over the ranks."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 MicroLoss = Callable[[Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -87,7 +94,12 @@ def accumulated_step(model, optimizer, micro_batches: Iterable, micro_loss: Micr
 
     The first non-finite loss stops the accumulation before its backward; the optimizer step is then skipped and
     every summed metric is NaN. Returns a ``StepResult`` with the summed metrics, ``loss`` and ``grad_norm``
-    (``clip_and_step``); the gradients are zeroed before and after."""
+    (``clip_and_step``); the gradients are zeroed before and after.
+
+    Under ``torchrun`` each rank passes its own rows (the same number of micro-batches on every rank, with the same
+    metric names: FSDP's collectives run in every forward and backward), the losses normalised by the global
+    batch's denominators: the skip decision is global (any rank's non-finite loss), the metrics are summed over the
+    ranks, and FSDP sums the gradients."""
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
     finite = True
@@ -102,7 +114,7 @@ def accumulated_step(model, optimizer, micro_batches: Iterable, micro_loss: Micr
         sums["loss"] += metrics.pop("loss") if "loss" in metrics else loss.item()
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
+    finite = not any_rank(not finite)  # one rank's non-finite loss skips the step on every rank
     grad_norm, stepped = clip_and_step(model, optimizer, max_grad_norm, finite)
-    if not finite:
-        sums = {name: float("nan") for name in sums}
+    sums = all_reduce_sum(sums) if finite else {name: float("nan") for name in sums}
     return StepResult({**sums, "grad_norm": grad_norm}, stepped)

@@ -13,6 +13,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.accumulation import mixed_precision
+from engine.distributed.fsdp import call_in_root
 
 
 @dataclass
@@ -93,7 +94,12 @@ def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, ret
     ``return_entropy`` also the entropy ``[B, T]``. Differentiable in the model's parameters.
 
     Runs the decoder body (``model.model``), gathers the hidden states at response positions and applies the LM head
-    with ``kernels.fused_linear_logprobs`` (logits divided by ``temperature``, the rollout's sampling temperature)."""
+    with ``kernels.fused_linear_logprobs`` (logits divided by ``temperature``, the rollout's sampling temperature).
+    A model sharded with FSDP runs all of it inside its root's forward (``engine.distributed.call_in_root``)."""
+    return call_in_root(model, _response_logprobs, batch, temperature, return_entropy)
+
+
+def _response_logprobs(model, batch: TokenBatch, temperature: float, return_entropy: bool):
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     B, T = batch.labels.shape
     H = hidden.shape[-1]

@@ -85,8 +85,10 @@ class NonFiniteWeightsError(RuntimeError):
 
 def nonfinite_tensors(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors of ``named`` that hold a NaN or an infinity. One fused max-abs reduction
-    per dtype group (``torch._foreach_norm(..., inf)``, which propagates NaN) and one host synchronisation."""
-    floats = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+    per dtype group (``torch._foreach_norm(..., inf)``, which propagates NaN) and one host synchronisation. A sharded
+    (FSDP) parameter is checked on this rank's shard."""
+    local = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]  # DTensor -> this rank's shard
+    floats = [(n, t.detach()) for n, t in local if t.is_floating_point() and t.numel()]
     if not floats:
         return []
     norms = torch.stack([x.float() for x in torch._foreach_norm([t for _, t in floats], float("inf"))])

@@ -14,6 +14,7 @@ import kernels as K
 from engine.algorithms.accumulation import StepResult, accumulated_step, micro_slices
 from engine.algorithms.batching import TokenBatch, response_logprobs
 from engine.algorithms.rollout_corr import RolloutCorrMetrics
+from engine.distributed.context import all_reduce_max, all_reduce_sum
 from kernels.loss_agg import agg_loss_ref
 
 # kernels.grpo_loss's metric names -> the engine's (TRL's) where they differ
@@ -39,11 +40,14 @@ def global_denominators(batch: TokenBatch, loss_scale_factor: float | None = Non
     ``global_num_tokens`` (response tokens), ``global_num_seqs`` (rows with at least one response token: veRL's
     ``agg_loss`` and OpenRLHF exclude fully masked rows from the seq-mean), each at least 1, and
     ``loss_scale_factor`` (the Dr. GRPO constant; None -> the batch's ``T``, its longest completion, at least 1).
-    Computed once on the host from ``batch.response_mask`` (one device synchronisation)."""
+    Computed once on the host from ``batch.response_mask`` (one device synchronisation); under ``torchrun`` summed
+    (``T``: maximised) over the ranks, so each rank's loss is its share of the global batch's."""
     mask = batch.response_mask
     counts = torch.stack([mask.sum(), mask.any(-1).sum()]).tolist()  # one read-back for both counts
-    return {"global_num_tokens": max(int(counts[0]), 1), "global_num_seqs": max(int(counts[1]), 1),
-            "loss_scale_factor": loss_scale_factor if loss_scale_factor is not None else max(mask.shape[1], 1)}
+    counts = all_reduce_sum({"tokens": counts[0], "seqs": counts[1]})  # under torchrun: the global batch's
+    longest = all_reduce_max({"T": mask.shape[1]})["T"]
+    return {"global_num_tokens": max(int(counts["tokens"]), 1), "global_num_seqs": max(int(counts["seqs"]), 1),
+            "loss_scale_factor": loss_scale_factor if loss_scale_factor is not None else max(int(longest), 1)}
 
 
 def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,

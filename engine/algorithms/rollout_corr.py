@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.distributed.context import all_reduce_max, all_reduce_sum
+
 
 class RolloutCorrMetrics:
     """Accumulates the mismatch over micro-batches (``add``), reads it out once (``metrics``: one host sync)."""
@@ -63,11 +65,12 @@ class RolloutCorrMetrics:
         """The ``rollout_corr/*`` metrics of everything added (an empty dict when nothing was)."""
         if not self._sums:
             return {}
-        s = {k: float(v) for k, v in self._sums.items()}
+        s = all_reduce_sum({k: float(v) for k, v in self._sums.items()})  # under torchrun: over every rank's rows
+        worst = all_reduce_max({"max": float(self._max)})["max"]
         tok, seq = max(s["tokens"], 1.0), max(s["seqs"], 1.0)
         return {
             "rollout_corr/logp_diff_mean": s["abs"] / tok,
-            "rollout_corr/logp_diff_max": float(self._max),
+            "rollout_corr/logp_diff_max": worst,
             "rollout_corr/kl": s["k1"] / tok,
             "rollout_corr/k3_kl": s["k3"] / tok,
             "rollout_corr/training_ppl": s["training_ppl"] / seq,

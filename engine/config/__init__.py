@@ -8,7 +8,7 @@ A section built directly validates too (``GRPOConfig(clip_ratio_low=-0.1)`` rais
 ``save_config`` writes the resolved config back (the trainer dumps it into the run directory).
 
 Modules: ``base`` (the ``Section`` model, field types, ``ConfigError``), ``sections`` (model, data, generation,
-optimizer, trainer), ``algorithms`` (GRPO, PPO, SFT, reward model, DPO), ``runs`` (one run config per command),
+optimizer, trainer, distributed), ``algorithms`` (GRPO, PPO, SFT, reward model, DPO), ``runs`` (one run config per command),
 ``loading`` (files, overrides, saving)."""
 
 from engine.config.algorithms import (
@@ -19,13 +19,13 @@ from engine.config.base import ConfigError, Section
 from engine.config.loading import apply_overrides, load_config, parse_value, save_config, to_dict
 from engine.config.runs import DPORunConfig, GRPORunConfig, PPORunConfig, RewardModelRunConfig, RunConfig, SFTRunConfig
 from engine.config.sections import (
-    ATTENTION_BACKENDS, LR_SCHEDULES, MODEL_ARCHS, MODEL_DTYPES, MODEL_PRESETS, DataConfig, GenerationConfig,
-    ModelConfig, OptimConfig, TrainerConfig,
+    ATTENTION_BACKENDS, LR_SCHEDULES, MODEL_ARCHS, MODEL_DTYPES, MODEL_PRESETS, DataConfig, DistributedConfig,
+    GenerationConfig, ModelConfig, OptimConfig, TrainerConfig,
 )
 
 __all__ = [
     "ATTENTION_BACKENDS", "LR_SCHEDULES", "MODEL_ARCHS", "MODEL_DTYPES", "MODEL_PRESETS", "ROLLOUT_IS_LEVELS",
-    "ConfigError", "DPOConfig", "DPORunConfig", "DataConfig", "GRPOConfig", "GRPORunConfig", "GenerationConfig",
+    "ConfigError", "DPOConfig", "DPORunConfig", "DataConfig", "DistributedConfig", "GRPOConfig", "GRPORunConfig", "GenerationConfig",
     "ModelConfig", "OptimConfig", "PPOConfig", "PPORunConfig", "PairTrainingConfig", "PolicyLossConfig",
     "RewardModelConfig", "RewardModelRunConfig", "RunConfig", "SFTConfig", "SFTRunConfig", "Section", "TrainerConfig",
     "apply_overrides", "load_config", "parse_value", "save_config", "to_dict",

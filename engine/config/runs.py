@@ -10,7 +10,14 @@ from pydantic import Field, model_validator
 
 from engine.config.algorithms import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, SFTConfig
 from engine.config.base import Section
-from engine.config.sections import DataConfig, GenerationConfig, ModelConfig, OptimConfig, TrainerConfig
+from engine.config.sections import (
+    DataConfig,
+    DistributedConfig,
+    GenerationConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+)
 
 
 class RunConfig(Section):
@@ -27,6 +34,8 @@ class RunConfig(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     """Loop, logging, checkpoints (``trainer.max_steps`` is the step budget of GRPO and PPO only: SFT, reward-model
     and DPO runs use ``sft.max_steps`` / ``rm.max_steps`` / ``dpo.max_steps``)."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Multi-process runs under ``torchrun``: collective timeout, FSDP2 resharding, activation checkpointing."""
 
     @model_validator(mode="before")
     @classmethod

@@ -193,3 +193,19 @@ class TrainerConfig(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return device
+
+
+class DistributedConfig(Section):
+    """Data-parallel sharded training under ``torchrun`` (FSDP2, ``engine.distributed``); a single process ignores
+    it. One process per device; ``trainer.device=auto`` picks ``cuda:LOCAL_RANK``; NCCL on GPUs, gloo on the CPU."""
+
+    timeout_s: float = Field(600.0, gt=0)
+    """Seconds a collective may wait (``init_process_group(timeout=...)``): a hung rank fails the run with a message
+    instead of waiting torch's default 30 minutes."""
+    reshard_after_forward: bool = True
+    """FSDP frees the gathered parameters of a layer after its forward (less memory, one more all-gather in the
+    backward); False keeps them until the backward."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (memory for time)."""
+    offload_reference: bool = False
+    """Keep the sharded reference policy (GRPO/PPO with a KL term) in CPU memory, gathered to the device per use."""

@@ -12,9 +12,17 @@ from engine.models.tiny import tiny_model, train_bpe_tokenizer
 from engine.models.value_model import is_value_model_dir, load_reward_model, value_model_from_causal_lm
 
 
-def resolve_device(name: str) -> torch.device:
-    """``trainer.device``: ``"auto"`` is CUDA when available, else the CPU; anything else is passed to torch."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``trainer.device``: ``"auto"`` is CUDA when available (``cuda:local_rank`` for one process of a multi-process
+    run, made the current CUDA device), else the CPU; anything else is passed to torch."""
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank is None:
+        return torch.device("cuda")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def resolve_dtype_name(name: str, device: torch.device) -> torch.dtype:

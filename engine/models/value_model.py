@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from engine.distributed.fsdp import call_in_root
 from engine.models.loading import resolve_checkpoint_dir, resolve_model_dir
 
 
@@ -88,6 +89,10 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     """The score head at every position: ``[B, L]`` float32 (differentiable). ``input_ids``/``attention_mask``
     ``[B, L]`` int64, right-padded. The critic's ``V(s_t)`` for response token t is the value at the position that
     predicts it (veRL's ``values[:, -T-1:-1]``; ``TokenBatch.response_index`` here)."""
+    return call_in_root(model, _token_values, input_ids, attention_mask)
+
+
+def _token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     head = _score_head(model)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
@@ -99,6 +104,10 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     lengths = attention_mask.sum(-1)
     if bool((lengths == 0).any()):
         raise ValueError("sequence_scores: a row of attention_mask is all zeros (an empty sequence has no score)")
+    return call_in_root(model, _sequence_scores, input_ids, attention_mask, lengths)
+
+
+def _sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor):
     head = _score_head(model)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]

@@ -38,6 +38,9 @@ import numpy as np
 import torch
 
 from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors
+from engine.distributed.checkpoint import full_state_dict, load_full, load_sharded, save_sharded
+from engine.distributed.context import any_rank, barrier, broadcast_object, current
+from engine.distributed.fsdp import is_sharded
 
 logger = logging.getLogger("rlhf_engine.checkpoint")
 
@@ -130,12 +133,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_model(model: torch.nn.Module, path: Path) -> None:
+def _save_model(model: torch.nn.Module, path: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors), of ``state_dict`` when given (a sharded model's gathered weights)."""
     params = inspect.signature(model.save_pretrained).parameters
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
     if "safe_serialization" in params:  # transformers 4.x; 5.x always writes safetensors
-        model.save_pretrained(path, safe_serialization=True)
-    else:
-        model.save_pretrained(path)
+        kwargs["safe_serialization"] = True
+    model.save_pretrained(path, **kwargs)
 
 
 def _write_model_state(folder: Path, *, model, optimizer, scheduler) -> None:
@@ -201,6 +205,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
 
     Raises ``NonFiniteWeightsError`` (nothing written) when a weight of ``model`` or of a component holds NaN or inf:
     a checkpoint is only ever written from finite weights.
+
+    Under ``torchrun`` every rank calls it (``_save_distributed``): the model and optimizer state go to a DCP folder
+    ``dcp/`` (each rank its shards), rank 0 writes the full weights in the HF layout, the scheduler, the trainer
+    state and the marker, and each rank its RNG state (``rng-rank<r>.pt``).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -209,6 +217,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
     for name in components or {}:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name == CHECKPOINTS_DIR:
             raise ValueError(f"component names must be plain identifiers, got {name!r}")
+    if current().enabled:
+        return _save_distributed(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, rng_state=rng_state, trainer_state=trainer_state,
+                                 keep_last=keep_last, components=components)
     for name, m in [("model", model)] + [(f"{c}/model", parts["model"]) for c, parts in (components or {}).items()]:
         bad = nonfinite_tensors(list(m.state_dict().items()))
         if bad:  # never commit poisoned weights: the older checkpoints stay the newest usable ones
@@ -225,15 +237,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
     try:
         _write_files(tmp, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                      rng_state=rng_state, trainer_state=trainer_state, components=components)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                _fsync_file(p)
-        _write_marker(tmp, step)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again: move the old one aside, it is deleted below
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _commit(tmp, final, step, replaced)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if replaced.exists() and not final.exists():
@@ -241,6 +245,69 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer=N
         raise
     _prune(root, keep=final, keep_last=keep_last)
     logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _commit(tmp: Path, final: Path, step: int, replaced: Path) -> None:
+    """fsync every file of ``tmp``, write the marker, and rename ``tmp`` to ``final`` (an older ``final`` moved to
+    ``replaced`` first)."""
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _fsync_file(p)
+    _write_marker(tmp, step)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again: move the old one aside, it is deleted below
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _save_distributed(run_dir, step: int, *, model, tokenizer, optimizer, scheduler, rng_state, trainer_state,
+                      keep_last: int, components) -> Path:
+    """``save_checkpoint`` of a multi-process run (every rank calls it; see there)."""
+    ctx = current()
+    parts = [("", model, optimizer, scheduler)] + [(name, c["model"], c.get("optimizer"), c.get("scheduler"))
+                                                    for name, c in (components or {}).items()]
+    full = [full_state_dict(m) for _, m, _, _ in parts]  # collectives: every rank, in the same order
+    bad = [f"{name or 'model'}: {b[:4]}" for (name, *_), state in zip(parts, full)
+           for b in [nonfinite_tensors(list(state.items()))] if b]
+    if any_rank(bool(bad)):  # rank 0 holds the full weights: it decides, every rank raises
+        raise NonFiniteWeightsError(f"refusing to save checkpoint step {step} to {run_dir}: non-finite weights "
+                                    f"({'; '.join(bad) or 'on rank 0'})")
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{broadcast_object(os.getpid())}"
+    replaced = root / f"{_TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        for (name, m, opt, _), state in zip(parts, full):
+            save_sharded(tmp / name / "dcp", m, opt)
+        if rng_state is not None:
+            torch.save(rng_state, tmp / f"rng-rank{ctx.rank}.pt")
+        if ctx.is_main:
+            for (name, m, _, sched), state in zip(parts, full):
+                (tmp / name).mkdir(exist_ok=True)
+                _save_model(m, tmp / name, state_dict=state)
+                if sched is not None:
+                    torch.save(sched.state_dict(), tmp / name / "scheduler.pt")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state or {}), indent=2, sort_keys=True))
+        barrier()
+        if ctx.is_main:
+            _commit(tmp, final, step, replaced)
+    except BaseException:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()
+    if ctx.is_main:
+        _prune(root, keep=final, keep_last=keep_last)
+        logger.info("saved checkpoint %s", final)
     return final
 
 
@@ -308,10 +375,8 @@ def resolve_resume(resume: str | os.PathLike | None, run_dir: str | os.PathLike)
 
 
 # ------------------------------------------------------------------------------------------------ load
-def _load_weights(path: Path, model: torch.nn.Module) -> None:
-    """The safetensors weights of ``path`` into ``model`` in place. Keys missing from the files are allowed only
-    when they are tied to a loaded one (HF drops a tied ``lm_head.weight``); anything else missing or unexpected
-    raises ``ValueError``."""
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of ``path`` (``ValueError`` when there are none)."""
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
@@ -324,6 +389,14 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
     loaded: dict[str, torch.Tensor] = {}
     for name in files:
         loaded.update(load_file(str(path / name)))
+    return loaded
+
+
+def _load_weights(path: Path, model: torch.nn.Module) -> None:
+    """The safetensors weights of ``path`` into ``model`` in place. Keys missing from the files are allowed only
+    when they are tied to a loaded one (HF drops a tied ``lm_head.weight``); anything else missing or unexpected
+    raises ``ValueError``."""
+    loaded = _read_weights(path)
     own = model.state_dict()
     unexpected = sorted(set(loaded) - set(own))
     storage = {}
@@ -343,7 +416,19 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
 
 
 def _load_model_state(path: Path, *, model, optimizer, scheduler) -> None:
-    _load_weights(path, model)
+    """The weights, optimizer and scheduler of ``path``: from its DCP folder when a multi-process run wrote it (at
+    any world size), from the HF weights and ``optimizer.pt`` otherwise (into a sharded model too: 1 -> N)."""
+    if (path / "dcp").is_dir():
+        load_sharded(path / "dcp", model, optimizer)
+        optimizer = None  # loaded with the model
+    elif is_sharded(model):
+        weights = _read_weights(path)
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if (
+            optimizer is not None and (path / "optimizer.pt").is_file()) else None
+        load_full(model, weights, optimizer, state)
+        optimizer = None
+    else:
+        _load_weights(path, model)
     for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
         if obj is None:
             continue
@@ -377,7 +462,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
             raise ValueError(f"checkpoint {path} has no {name}/ component to load")
         _load_model_state(path / name, model=parts["model"], optimizer=parts.get("optimizer"),
                           scheduler=parts.get("scheduler"))
-    rng = path / "rng.pt"
+    rng = path / f"rng-rank{current().rank}.pt"  # a multi-process run's: each rank its own
+    rng = rng if rng.is_file() else path / "rng.pt"
     ts = path / "trainer_state.json"
     return {
         "step": int(marker["step"]),

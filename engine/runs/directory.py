@@ -166,3 +166,21 @@ def _lock(path: Path) -> int | None:
 
 
 __all__ = ["CONFIG_FILE", "LOCK_FILE", "RUN_ENTRIES", "RunDirectory", "RunDirectoryError"]
+
+
+class FollowerRunDirectory:
+    """The run directory as a rank other than 0 of a multi-process run sees it: rank 0 holds the lock and writes
+    the configs; this rank writes only its checkpoint shards. Its ``relock``, ``write_config`` and ``close`` do
+    nothing."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def relock(self) -> None:
+        """Nothing: rank 0 holds the lock."""
+
+    def write_config(self, cfg, resumed_step: int | None) -> None:
+        """Nothing: rank 0 writes the config."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -27,7 +28,9 @@ from engine.runs.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from engine.runs.directory import RunDirectory
+from engine.distributed import broadcast_object, init_distributed, shard_model, unsharded
+from engine.distributed.context import env_world_size
+from engine.runs.directory import FollowerRunDirectory, RunDirectory, RunDirectoryError
 from engine.runs.metrics import MetricsLogger
 from engine.trainers.evaluation import evaluate_accuracy
 
@@ -115,6 +118,16 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _SilentLogger:
+    """The metrics logger of a rank other than 0: the metrics (already global) are written by rank 0."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Nothing."""
+
+    def close(self) -> None:
+        """Nothing."""
+
+
 class BaseTrainer:
     """The loop around a trainer's parts. A subclass builds its parts in its own ``__init__``, in order and in plain
     sight, then hands over::
@@ -130,14 +143,70 @@ class BaseTrainer:
     def __init__(self, cfg):
         self.cfg = cfg
         t = cfg.trainer
-        # First, before any work: this process becomes the run directory's only writer, and a fresh start never lands
-        # in another run's directory (engine.runs.directory).
-        self.run = RunDirectory.open(t.output_dir, resume=t.resume, overwrite=t.overwrite)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if env_world_size() > 1 else None
+        self.device = resolve_device(t.device, local_rank)
+        # under torchrun: every rank joins the process group (engine.distributed); a single process joins nothing
+        self.dist = init_distributed(self.device.type, cfg.distributed.timeout_s)
+        if not self.dist.is_main:
+            log.setLevel(logging.ERROR)  # logs, metrics and the progress bar come from rank 0
+        # First, before any work: this process (rank 0) becomes the run directory's only writer, and a fresh start
+        # never lands in another run's directory (engine.runs.directory).
+        self.run = self._open_run_directory(t)
         self.run_dir = Path(t.output_dir)
         with self.setting_up():
             seed_everything(t.seed)
-            self.device = resolve_device(t.device)
         self._config_written = False  # train() writes it: a start that fails anywhere before leaves none behind
+
+    def _open_run_directory(self, t):
+        """Rank 0 opens (locks, checks) the run directory and the other ranks learn whether it could: its error is
+        raised on every rank, so that no rank waits for the others in a collective."""
+        run, error = None, None
+        if self.dist.is_main:
+            try:
+                run = RunDirectory.open(t.output_dir, resume=t.resume, overwrite=t.overwrite)
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        if self.dist.enabled:
+            message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+            if message is not None and error is None:
+                raise RunDirectoryError(f"rank 0 could not open the run directory: {message}")
+        if error is not None:
+            raise error
+        return run if run is not None else FollowerRunDirectory(t.output_dir)
+
+    def shard(self, model, *, offload: bool = False):
+        """Under ``torchrun``: ``model`` sharded with FSDP2 (``engine.distributed.shard_model``, the
+        ``distributed`` config; bf16/fp16 weights on CUDA are sharded in float32 and computed in their dtype by
+        FSDP's ``MixedPrecisionPolicy``); ``offload``: kept in CPU memory (a frozen reference). A single process
+        gets ``model`` back unchanged. Call it before ``start`` (the optimizer is built over the sharded
+        parameters)."""
+        if not self.dist.enabled:
+            return model
+        d = self.cfg.distributed
+        dtype = next(model.parameters()).dtype
+        low = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        if low:
+            model.float()  # float32 sharded parameters; FSDP casts to the compute dtype per forward
+        return shard_model(model, param_dtype=dtype if low else None, reshard_after_forward=d.reshard_after_forward,
+                           activation_checkpointing=d.activation_checkpointing, cpu_offload=offload)
+
+    def local_part(self, items: list) -> list:
+        """This rank's contiguous share of the step's global ``items`` (all of them in a single process). Raises
+        ``ValueError`` when their count does not divide by the world size (the step sizes are checked at start)."""
+        n, world = len(items), self.dist.world_size
+        if n % world:
+            raise ValueError(f"{n} items of a step do not divide over {world} ranks")
+        per = n // world
+        return items[self.dist.rank * per:(self.dist.rank + 1) * per]
+
+    def check_divides(self, **sizes: int) -> None:
+        """Raise ``ValueError`` naming the setting when a global step size does not divide by the world size (each
+        rank takes an equal share: the same number of micro-batches, so FSDP's collectives line up)."""
+        world = self.dist.world_size
+        for name, size in sizes.items():
+            if size % world:
+                raise ValueError(f"{name}={size} does not divide over the {world} processes of this run: each rank "
+                                 f"takes an equal share of a step; use a multiple of {world}")
 
     @contextlib.contextmanager
     def setting_up(self):
@@ -198,8 +267,11 @@ class BaseTrainer:
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_accuracy(self.generator, self.tokenizer, self.eval_examples,
-                                 max_tokens=self.eval_max_tokens)
+        """Held-out accuracy of the policy's greedy completions (every rank evaluates all of them, on the gathered
+        weights, and gets the same numbers)."""
+        with unsharded(self.model):
+            return evaluate_accuracy(self.generator, self.tokenizer, self.eval_examples,
+                                     max_tokens=self.eval_max_tokens)
 
     def save(self) -> Path:
         t = self.cfg.trainer
@@ -263,8 +335,9 @@ class BaseTrainer:
 
     def _train(self, should_stop) -> dict[str, float]:
         t = self.cfg.trainer
-        logger = MetricsLogger(self.run_dir, progress_total=self.total_steps if t.progress_bar else None,
-                               start_step=self.state["step"], tensorboard=t.tensorboard, wandb=t.wandb)
+        logger = (MetricsLogger(self.run_dir, progress_total=self.total_steps if t.progress_bar else None,
+                                start_step=self.state["step"], tensorboard=t.tensorboard, wandb=t.wandb)
+                  if self.dist.is_main else _SilentLogger())
         metrics: dict[str, float] = {}
         interrupt = _DeferredInterrupt()
         try:

@@ -11,7 +11,7 @@ import torch
 from engine.algorithms import StepResult, compute_advantages, policy_update
 from engine.rewards import load_reward, score_records
 from engine.trainers.base import BaseTrainer, nonfinite_reward_cause, policy_and_prompts
-from engine.trainers.rollout import Rollout, check_prompts_per_step, check_sampling, rollout_metrics
+from engine.trainers.rollout import Rollout, RolloutSummary, check_prompts_per_step, check_sampling
 
 
 class GRPOTrainer(BaseTrainer):
@@ -28,8 +28,12 @@ class GRPOTrainer(BaseTrainer):
                                                                                            tokenizer)
             self.model, self.tokenizer = model, tokenizer
             check_prompts_per_step("grpo", c.prompts_per_step, self.train_examples)
+            self.check_divides(**{"grpo.prompts_per_step": c.prompts_per_step})  # a group never straddles ranks
             # the reference is the initial policy: copied before a checkpoint overwrites the weights on resume
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if c.kl_coef > 0 else None
+            if self.ref_model is not None:
+                self.ref_model = self.shard(self.ref_model, offload=cfg.distributed.offload_reference)
+            self.model = model = self.shard(model)
             self.rollout = Rollout(model, tokenizer, cfg.generation, num_generations=c.num_generations,
                                    seed=cfg.trainer.seed, rollout_is=c.rollout_is)
             self.generator, self.eval_max_tokens = self.rollout.generator, cfg.generation.max_tokens
@@ -38,23 +42,24 @@ class GRPOTrainer(BaseTrainer):
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        examples, completions = self.rollout.sample(self.next_examples(self.cfg.grpo.prompts_per_step), step)
+        prompts = self.local_part(self.next_examples(self.cfg.grpo.prompts_per_step))  # this rank's whole groups
+        examples, completions = self.rollout.sample(prompts, step, first=self.dist.rank * len(prompts))
         t_gen = time.perf_counter() - t0
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         totals, per_fn = score_records(self.reward_fns, self.cfg.grpo.reward_weights, [e.record for e in examples],
                                        texts)
-        scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
-        bad_reward = nonfinite_reward_cause(totals, per_fn)
+        summary = RolloutSummary.gather(totals, completions, per_fn)  # the whole step's, on every rank
+        bad_reward = nonfinite_reward_cause(summary.scores, summary.per_fn)
         t1 = time.perf_counter()
         if bad_reward is None:
+            scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
             result = self.update(examples, completions, scores)
         else:  # no advantage can be formed from an infinite reward: nothing to learn from this batch
             result = StepResult({"loss": float("nan"), "grad_norm": float("nan")}, stepped=False)
         t_update = time.perf_counter() - t1
         self.record_step_outcome(result.stepped, result.metrics, cause=bad_reward)
-        n_tokens = sum(len(c.token_ids) for c in completions)
-        return {**rollout_metrics(scores, completions, per_fn), **self.group_metrics(scores), **result.metrics,
-                "perf/tokens_per_sec": n_tokens / max(t_gen + t_update, 1e-9),
+        return {**summary.metrics(), **self.group_metrics(summary.scores), **result.metrics,
+                "perf/tokens_per_sec": sum(summary.lengths) / max(t_gen + t_update, 1e-9),
                 "perf/time/generate": t_gen, "perf/time/update": t_update}
 
     def update(self, examples: list, completions: list, scores: torch.Tensor) -> StepResult:
@@ -78,9 +83,9 @@ class GRPOTrainer(BaseTrainer):
         result.metrics.update(corr)
         return result
 
-    def group_metrics(self, scores: torch.Tensor) -> dict[str, float]:
-        """TRL's group statistics: ``reward_std`` (the mean of the groups' reward stds) and ``frac_reward_zero_std``
-        (the fraction of groups whose rewards all agree: no advantage, nothing learnt from them)."""
-        group_std = scores.view(-1, self.cfg.grpo.num_generations).std(-1)
+    def group_metrics(self, scores: list[float]) -> dict[str, float]:
+        """TRL's group statistics of the step's ``scores``: ``reward_std`` (the mean of the groups' reward stds) and
+        ``frac_reward_zero_std`` (the fraction of groups whose rewards all agree: no advantage, nothing learnt)."""
+        group_std = torch.tensor(scores, dtype=torch.float32).view(-1, self.cfg.grpo.num_generations).std(-1)
         return {"reward_std": group_std.mean().item(),
                 "frac_reward_zero_std": (group_std == 0).float().mean().item()}

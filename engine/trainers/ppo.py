@@ -40,7 +40,7 @@ from engine.models.value_model import (
 )
 from engine.rewards import load_reward, score_records
 from engine.trainers.base import BaseTrainer, nonfinite_reward_cause, policy_and_prompts, skip_cause
-from engine.trainers.rollout import Rollout, check_prompts_per_step, check_sampling, rollout_metrics
+from engine.trainers.rollout import Rollout, RolloutSummary, check_prompts_per_step, check_sampling
 
 log = logging.getLogger("rlhf_engine")
 
@@ -88,6 +88,9 @@ class PPOTrainer(BaseTrainer):
                 require_local_dir(getattr(p, name), f"ppo.{name}")
         super().__init__(cfg)
         with self.setting_up():
+            if self.dist.enabled:  # the critic's mini-batches and the whitening are not sharded yet
+                raise NotImplementedError("rlhf-engine ppo runs in one process for now (torchrun runs sft, grpo, rm "
+                                          "and dpo)")
             model, tokenizer, self.train_examples, self.eval_examples = policy_and_prompts(cfg, self.device, model,
                                                                                            tokenizer)
             self.model, self.tokenizer = model, tokenizer
@@ -155,7 +158,7 @@ class PPOTrainer(BaseTrainer):
         examples, completions = self.rollout.sample(self.next_examples(self.cfg.ppo.prompts_per_step), step)
         t_gen = time.perf_counter() - t0
         scores, per_fn = self.score(examples, completions)
-        metrics = rollout_metrics(scores, completions, per_fn)
+        metrics = RolloutSummary.gather(scores.tolist(), completions, per_fn).metrics()
         bad_reward = nonfinite_reward_cause(scores.tolist())
         if bad_reward is not None:  # no advantage can be formed from it: skip the update, name the source
             source = "the reward model" if self.reward_model is not None else "the reward functions"

@@ -35,19 +35,19 @@ def pair_step(trainer: BaseTrainer, section, pair_loss) -> dict[str, float]:
     each micro-batch's share is its fraction of the step's pairs. Returns the step's metrics (their means over the
     pairs, ``grad_norm``, ``perf/pairs_per_sec``), its outcome recorded."""
     t0 = time.perf_counter()
-    examples = trainer.next_examples(section.batch_size)
+    examples = trainer.local_part(trainer.next_examples(section.batch_size))  # this rank's pairs
     size = section.micro_batch_size
 
     def micro_loss(part: list):
         loss, metrics = pair_loss(part)
-        share = len(part) / len(examples)  # the step's loss is the mean over all its pairs
+        share = len(part) / section.batch_size  # the step's loss is the mean over all its pairs (every rank's)
         return loss * share, {name: float(value) * share for name, value in {"loss": loss.detach(), **metrics}.items()}
 
     result = accumulated_step(trainer.model, trainer.optimizer,
                               (examples[start:start + size] for start in range(0, len(examples), size)), micro_loss,
                               max_grad_norm=trainer.cfg.optim.max_grad_norm, device_type=trainer.device.type,
                               autocast_dtype=trainer.autocast)
-    metrics = {**result.metrics, "perf/pairs_per_sec": len(examples) / max(time.perf_counter() - t0, 1e-9)}
+    metrics = {**result.metrics, "perf/pairs_per_sec": section.batch_size / max(time.perf_counter() - t0, 1e-9)}
     trainer.record_step_outcome(result.stepped, metrics)
     return metrics
 
@@ -65,12 +65,14 @@ class RewardModelTrainer(BaseTrainer):
         super().__init__(cfg)
         r = cfg.rm
         with self.setting_up():
+            self.check_divides(**{"rm.batch_size": r.batch_size})
             task = PairTask.load(cfg.data, allow_empty_response=r.allow_empty_response)
             if model is None:
                 model, tokenizer = build_reward_model(cfg.model, self.device, seed=cfg.trainer.seed,
                                                       texts=task.texts())
             self.model, self.tokenizer = model.train(), tokenizer
             self.train_examples, self.eval_examples = task.examples(tokenizer, cfg.data, max_length=r.max_length)
+            self.model = self.shard(model)
             self.start(total_steps=pair_steps(r, len(self.train_examples)))
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -107,12 +109,14 @@ class DPOTrainer(BaseTrainer):
         # IPO compares length-averaged sequence log-probs (TRL's ``ipo``); sigmoid and robust the summed ones
         self.average_logps = d.loss_type == "ipo"
         with self.setting_up():
+            self.check_divides(**{"dpo.batch_size": d.batch_size})
             task = PairTask.load(cfg.data, allow_empty_response=d.allow_empty_response)
             if model is None:
                 model, tokenizer = build_policy(cfg.model, self.device, seed=cfg.trainer.seed, texts=task.texts())
             self.model, self.tokenizer = model.train(), tokenizer
             self.train_examples, self.eval_examples = task.examples(tokenizer, cfg.data, max_length=d.max_length)
             self.ref_logps = {**self.reference_logps(self.train_examples), **self.reference_logps(self.eval_examples)}
+            self.model = self.shard(model)
             self.start(total_steps=pair_steps(d, len(self.train_examples)))
 
     def reference_logps(self, examples: list) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,10 +4,13 @@ rollout (rewards, lengths)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.algorithms import make_batch, mixed_precision, response_logprobs
 from engine.algorithms.stats import nanmean
+from engine.distributed import gather_lists, is_sharded, unsharded
 from engine.generation import Generator, SamplingParams
 
 
@@ -38,20 +41,26 @@ class Rollout:
         g = generation
         self.model, self.tokenizer, self.generation = model, tokenizer, g
         self.num_generations, self.seed, self.rollout_is = num_generations, seed, rollout_is
+        # a sharded model's parameters are gathered anew for every rollout: no CUDA graph can keep their addresses
         self.generator = Generator(model, tokenizer, max_num_seqs=g.max_num_seqs,
                                    attention_backend=g.attention_backend,
-                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None)
+                                   kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None,
+                                   enforce_eager=True if is_sharded(model) else None)
 
-    def sample(self, examples: list, step: int) -> tuple[list, list]:
-        """``num_generations`` completions per prompt, seeded by ``(seed, step)``; returns (examples repeated per
-        sample, completions in the same order). The model is in eval mode while sampling, its mode restored."""
+    def sample(self, examples: list, step: int, first: int = 0) -> tuple[list, list]:
+        """``num_generations`` completions per prompt, prompt ``i`` seeded by ``(seed, step, first + i)`` (``first``:
+        the index of this rank's first prompt in the step's global list, so that the samples do not depend on how
+        many processes share the step); returns (examples repeated per sample, completions in the same order). The
+        model is in eval mode while sampling, its mode restored; a sharded model is gathered for it (every rank
+        must call this)."""
         g, n = self.generation, self.num_generations
-        base = (self.seed * 1_000_003 + step) * 4096
+        base = (self.seed * 1_000_003 + step) * 4096 + first
         params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                  max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
         was_training = self.model.training
         self.model.eval()
-        outs = self.generator.generate([e.prompt_ids for e in examples], params)
+        with unsharded(self.model):
+            outs = self.generator.generate([e.prompt_ids for e in examples], params)
         self.model.train(was_training)
         per_sample = [e for e in examples for _ in range(n)]
         return per_sample, [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
@@ -88,14 +97,36 @@ class Rollout:
         return old.float() * mask, ref
 
 
-def rollout_metrics(scores: torch.Tensor, completions: list, per_fn: dict | None = None) -> dict[str, float]:
-    """The metrics of a rollout (TRL's names): ``reward`` (mean score), ``rewards/<fn>/mean`` per reward function
-    (``per_fn``: ``{name: [reward | None]}``), ``completions/mean_length`` (tokens) and ``completions/clipped_ratio``
-    (the fraction cut at ``max_tokens``)."""
-    lengths = [len(c.token_ids) for c in completions]
-    return {
-        "reward": scores.mean().item(),
-        **{f"rewards/{name}/mean": nanmean(vals) for name, vals in (per_fn or {}).items()},
-        "completions/mean_length": sum(lengths) / len(lengths),
-        "completions/clipped_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
-    }
+@dataclass
+class RolloutSummary:
+    """What the metrics of a rollout read, per sample, over the whole step (every rank's samples, in rank order):
+    ``scores`` (total rewards), ``per_fn`` (``{name: [reward | None]}``), ``lengths`` (tokens) and ``truncated``
+    (cut at ``max_tokens``)."""
+
+    scores: list[float]
+    per_fn: dict[str, list]
+    lengths: list[int]
+    truncated: list[bool]
+
+    @classmethod
+    def gather(cls, scores: list[float], completions: list, per_fn: dict | None = None) -> RolloutSummary:
+        """This rank's samples joined with every other rank's (one ``all_gather_object``; none in a single
+        process). Every rank gets the same summary."""
+        names = list(per_fn or {})
+        rows = [(float(s), [per_fn[n][i] for n in names], len(c.token_ids), c.finish_reason == "length")
+                for i, (s, c) in enumerate(zip(scores, completions))]
+        rows = gather_lists(rows)
+        return cls([r[0] for r in rows], {n: [r[1][j] for r in rows] for j, n in enumerate(names)},
+                   [r[2] for r in rows], [r[3] for r in rows])
+
+    def metrics(self) -> dict[str, float]:
+        """TRL's rollout metrics: ``reward`` (mean score), ``rewards/<fn>/mean`` per reward function,
+        ``completions/mean_length`` (tokens) and ``completions/clipped_ratio`` (the fraction cut at
+        ``max_tokens``)."""
+        n = len(self.scores)
+        return {
+            "reward": torch.tensor(self.scores, dtype=torch.float32).mean().item(),
+            **{f"rewards/{name}/mean": nanmean(vals) for name, vals in self.per_fn.items()},
+            "completions/mean_length": sum(self.lengths) / n,
+            "completions/clipped_ratio": sum(self.truncated) / n,
+        }

@@ -9,6 +9,7 @@ import time
 
 from engine.algorithms import accumulated_step, make_batch, sft_loss
 from engine.algorithms.accumulation import micro_slices
+from engine.distributed import all_reduce_sum
 from engine.generation import Generator
 from engine.trainers.base import BaseTrainer, policy_and_prompts
 
@@ -25,6 +26,7 @@ class SFTTrainer(BaseTrainer):
         super().__init__(cfg)
         data = cfg.data
         with self.setting_up():
+            self.check_divides(**{"sft.batch_size": cfg.sft.batch_size})
             if data.max_length <= data.max_prompt_tokens:
                 raise ValueError(f"data.max_length={data.max_length} must be > data.max_prompt_tokens="
                                  f"{data.max_prompt_tokens}: an SFT example is a prompt of up to max_prompt_tokens "
@@ -33,18 +35,21 @@ class SFTTrainer(BaseTrainer):
                                                                                            tokenizer)
             self.model, self.tokenizer = model, tokenizer
             self.targets, self.truncated_completions = sft_targets(self.train_examples, tokenizer, data.max_length)
-            self.generator = Generator(model, tokenizer, attention_backend=None)
-            self.eval_max_tokens = max(len(t) for t in self.targets.values()) + 8
             s = cfg.sft
+            self.model = model = self.shard(model)
+            self.generator = Generator(model, tokenizer, attention_backend=None,
+                                       enforce_eager=True if self.dist.enabled else None)
+            self.eval_max_tokens = max(len(t) for t in self.targets.values()) + 8
             self.start(total_steps=s.max_steps or s.epochs * math.ceil(len(self.train_examples) / s.batch_size))
 
     def train_step(self, step: int) -> dict[str, float]:
         s = self.cfg.sft
         t0 = time.perf_counter()
-        examples = self.next_examples(s.batch_size)
+        examples = self.local_part(self.next_examples(s.batch_size))
         batch = make_batch([e.prompt_ids for e in examples], [self.targets[id(e)] for e in examples],
                            self.tokenizer.pad_token_id or 0, self.device)
-        n_tok = max(batch.num_tokens, 1)  # every micro-batch's loss is normalised by the step's token count
+        # every micro-batch's loss is normalised by the step's token count (over every rank's rows)
+        n_tok = max(int(all_reduce_sum({"tokens": batch.num_tokens})["tokens"]), 1)
         result = accumulated_step(self.model, self.optimizer, micro_slices(len(examples), s.micro_batch_size),
                                   lambda rows: (sft_loss(self.model, batch.rows(rows), num_tokens=n_tok), {}),
                                   max_grad_norm=self.cfg.optim.max_grad_norm, device_type=self.device.type,

@@ -127,7 +127,7 @@ def test_unknown_override_key_lists_valid_keys(override, key):
         assert "did you mean 'grpo.clip_ratio_low'" in msg
         assert "clip_ratio_low, clip_ratio_high" in msg and "num_generations" in msg
     if key == "algo":
-        assert "model, data, optim, trainer, generation, grpo" in msg
+        assert "model, data, optim, trainer, distributed, generation, grpo" in msg
 
 
 def test_unknown_file_key_names_full_path(tmp_path):
@@ -138,7 +138,7 @@ def test_unknown_file_key_names_full_path(tmp_path):
     assert err.value.key == "grpo.klcoef"
     assert "unknown config key 'grpo.klcoef' (did you mean 'grpo.kl_coef'?)" in str(err.value)
     assert "kl_estimator" in str(err.value)
-    with pytest.raises(ValueError, match="unknown config key 'grpo'.*model, data, optim, trainer, sft"):
+    with pytest.raises(ValueError, match="unknown config key 'grpo'.*model, data, optim, trainer, distributed, sft"):
         load_config(SFTRunConfig, p)
 
 
@@ -327,7 +327,7 @@ def test_every_field_has_a_docstring():
     from engine import config
 
     classes = [getattr(config, name) for name in config.__all__ if name.endswith("Config")]
-    assert len(classes) == 18
+    assert len(classes) == 19
     for cls in classes:
         missing = [name for name, f in cls.model_fields.items() if not f.description]
         assert not missing, (cls.__name__, missing)

@@ -226,10 +226,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, stop):
         owner, name = (tr, "train_step") if stop == "ctrl_c" else (tr.rollout, "sample")
         inner = getattr(owner, name)
 
-        def interrupted(*args):
-            if args[-1] == 2:  # the step index is the last argument of both
+        def interrupted(*args, **kwargs):
+            if args[-1] == 2:  # the step index is the last positional argument of both
                 raise KeyboardInterrupt
-            return inner(*args)
+            return inner(*args, **kwargs)
 
         setattr(owner, name, interrupted)
         with pytest.raises(KeyboardInterrupt):

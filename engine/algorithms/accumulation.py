@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.algorithms.optim import NonFiniteWeightsError, nonfinite_tensors, update_would_overflow
-from engine.distributed.context import all_reduce_sum, any_rank
+from engine.distributed.context import all_reduce_sum, any_rank, current
 
 
 @dataclass
@@ -92,8 +92,9 @@ def accumulated_step(model, optimizer, micro_batches: Iterable, micro_loss: Micr
     ``metrics`` are host floats, each this micro-batch's share of the step's metric (summed over the micro-batches).
     The step's ``loss`` metric is the sum of ``loss.item()``, unless ``metrics`` gives its own ``"loss"`` share.
 
-    The first non-finite loss stops the accumulation before its backward; the optimizer step is then skipped and
-    every summed metric is NaN. Returns a ``StepResult`` with the summed metrics, ``loss`` and ``grad_norm``
+    The first non-finite loss stops the accumulation before its backward (under ``torchrun`` the remaining
+    micro-batches still run, their gradients discarded, so that every rank makes the same FSDP collectives); the
+    optimizer step is then skipped and every summed metric is NaN. Returns a ``StepResult`` with the summed metrics, ``loss`` and ``grad_norm``
     (``clip_and_step``); the gradients are zeroed before and after.
 
     Under ``torchrun`` each rank passes its own rows (the same number of micro-batches on every rank, with the same
@@ -103,12 +104,16 @@ def accumulated_step(model, optimizer, micro_batches: Iterable, micro_loss: Micr
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0}
     finite = True
+    lockstep = current().enabled  # FSDP gathers and reduces in every forward and backward: all ranks run them all
     for micro_batch in micro_batches:
         with mixed_precision(device_type, autocast_dtype):
             loss, metrics = micro_loss(micro_batch)
-        if not torch.isfinite(loss):
+        if not finite or not torch.isfinite(loss):
             finite = False
-            break
+            if not lockstep:
+                break
+            loss.backward()  # its gradients are discarded with the step; the collectives stay in step
+            continue
         loss.backward()
         metrics = dict(metrics)
         sums["loss"] += metrics.pop("loss") if "loss" in metrics else loss.item()

@@ -17,6 +17,7 @@ from engine.algorithms.accumulation import StepResult
 from engine.algorithms.batching import TokenBatch, check_like_mask
 from engine.algorithms.critic import critic_update
 from engine.algorithms.policy import policy_update
+from engine.distributed.context import all_reduce_sum, current
 
 
 class FixedKLController:
@@ -112,12 +113,26 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_m
     Both are 0 on padding (selected with the mask, so a NaN/inf reward or value there reaches no output).
 
     Whitening needs at least two response tokens in the batch (``ValueError`` from ``kernels.masked_whiten``) and
-    reads the mask count back to the host once."""
+    reads the mask count back to the host once. Under ``torchrun`` the mean and variance are those of every rank's
+    tokens (``_whiten_global``), as one process on the whole batch."""
     adv, ret = K.gae(token_rewards, values.detach(), response_mask, gamma=gamma, lam=lam)
     if whiten:
-        adv = K.masked_whiten(adv, response_mask)
+        adv = K.masked_whiten(adv, response_mask) if not current().enabled else _whiten_global(adv, response_mask)
     m = response_mask.bool()
     return torch.where(m, adv.float(), 0.0), torch.where(m, ret.float(), 0.0)
+
+
+def _whiten_global(values: torch.Tensor, mask: torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
+    """``kernels.masked_whiten`` with the statistics of the masked entries of every rank (two all-reduces: the mean,
+    then the Bessel-corrected variance). Raises ``ValueError`` for fewer than two entries in all."""
+    m, v = mask.bool(), values.float()
+    first = all_reduce_sum({"n": m.sum().item(), "sum": torch.where(m, v, 0.0).double().sum().item()})
+    n = first["n"]
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 masked entries over all ranks, got {int(n)}")
+    mean = first["sum"] / n
+    var = all_reduce_sum({"sq": torch.where(m, (v.double() - mean).square(), 0.0).sum().item()})["sq"] / (n - 1)
+    return ((v.double() - mean) / (var + epsilon) ** 0.5).float()
 
 
 # the actor's metrics averaged over the mini-batch steps (policy_update's names); NaN while the critic warms up

@@ -31,6 +31,7 @@ from engine.algorithms import (
     token_level_rewards,
 )
 from engine.algorithms.optim import make_optimizer, make_scheduler
+from engine.distributed import all_reduce_max, all_reduce_sum
 from engine.models.loading import require_local_dir, resolve_model_dir
 from engine.models.value_model import (
     load_reward_model,
@@ -88,9 +89,8 @@ class PPOTrainer(BaseTrainer):
                 require_local_dir(getattr(p, name), f"ppo.{name}")
         super().__init__(cfg)
         with self.setting_up():
-            if self.dist.enabled:  # the critic's mini-batches and the whitening are not sharded yet
-                raise NotImplementedError("rlhf-engine ppo runs in one process for now (torchrun runs sft, grpo, rm "
-                                          "and dpo)")
+            # each rank takes whole groups, and an equal share of every mini-batch
+            self.check_divides(**{"ppo.prompts_per_step": p.prompts_per_step, "ppo.mini_batch_size": p.mini_batch_size})
             model, tokenizer, self.train_examples, self.eval_examples = policy_and_prompts(cfg, self.device, model,
                                                                                            tokenizer)
             self.model, self.tokenizer = model, tokenizer
@@ -107,6 +107,13 @@ class PPOTrainer(BaseTrainer):
             self.reward_fns = [load_reward(spec) for spec in p.rewards]
             self.critic = build_critic(p, model, self.reward_model, self.rm_same_vocab, device=self.device,
                                        seed=cfg.trainer.seed)
+            # under torchrun every model is sharded once all are built (the critic copies a whole body first)
+            self.model = model = self.shard(model)
+            self.critic = self.shard(self.critic)
+            if self.ref_model is not None:
+                self.ref_model = self.shard(self.ref_model, offload=cfg.distributed.offload_reference)
+            if self.reward_model is not None:
+                self.reward_model = self.shard(self.reward_model)
             critic_optim = cfg.optim.model_copy(update={"lr": p.critic_lr})
             self.critic_optimizer = make_optimizer(self.critic, critic_optim)
             self.critic_scheduler = make_scheduler(self.critic_optimizer, critic_optim, cfg.trainer.max_steps)
@@ -155,11 +162,13 @@ class PPOTrainer(BaseTrainer):
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        examples, completions = self.rollout.sample(self.next_examples(self.cfg.ppo.prompts_per_step), step)
+        prompts = self.local_part(self.next_examples(self.cfg.ppo.prompts_per_step))
+        examples, completions = self.rollout.sample(prompts, step, first=self.dist.rank * len(prompts))
         t_gen = time.perf_counter() - t0
         scores, per_fn = self.score(examples, completions)
-        metrics = RolloutSummary.gather(scores.tolist(), completions, per_fn).metrics()
-        bad_reward = nonfinite_reward_cause(scores.tolist())
+        summary = RolloutSummary.gather(scores.tolist(), completions, per_fn)  # the whole step's, on every rank
+        metrics = summary.metrics()
+        bad_reward = nonfinite_reward_cause(summary.scores)
         if bad_reward is not None:  # no advantage can be formed from it: skip the update, name the source
             source = "the reward model" if self.reward_model is not None else "the reward functions"
             self.record_step_outcome(False, {}, cause=f"{bad_reward}, from {source}")
@@ -173,7 +182,7 @@ class PPOTrainer(BaseTrainer):
         update = self.update(step, batch, old_lp, ref_lp, rollout_lp, advantages, returns, values, kl_coef)
         t_update = time.perf_counter() - t1
         kl_seq = self.update_kl_controller(batch, old_lp, ref_lp)
-        n_tokens = sum(len(c.token_ids) for c in completions)
+        n_tokens = sum(summary.lengths)
         return {**metrics, "objective/kl": kl_seq, "kl_coef": kl_coef,
                 **advantage_metrics(batch.response_mask, token_rewards, advantages, returns, values), **update,
                 "perf/tokens_per_sec": n_tokens / max(t_gen + t_update, 1e-9),
@@ -199,7 +208,9 @@ class PPOTrainer(BaseTrainer):
         ``ppo.critic_warmup_steps``); records the step's outcome, naming the model whose step was skipped."""
         cfg, p = self.cfg, self.cfg.ppo
         # the KL is in the reward already, unless it is a loss term
-        update_cfg = p.model_copy(update={"kl_coef": kl_coef if p.use_kl_loss else 0.0})
+        # each rank steps on its share of every mini-batch (the losses carry the global mini-batch's denominators)
+        update_cfg = p.model_copy(update={"kl_coef": kl_coef if p.use_kl_loss else 0.0,
+                                          "mini_batch_size": p.mini_batch_size // self.dist.world_size})
         shuffle = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + step)
         update = ppo_epochs(self.model, self.optimizer, self.critic, self.critic_optimizer, batch,
                             old_logprobs=old_lp, advantages=advantages, old_values=values, returns=returns,
@@ -226,8 +237,10 @@ class PPOTrainer(BaseTrainer):
         """The mean per-sequence KL to the reference (k1 summed over the response, nats; 0 without a reference), fed
         to the KL controller, whose new coefficient is kept in the trainer state (checkpointed)."""
         mask = batch.response_mask
-        kl_seq = ((old_lp - ref_lp) * mask).sum(-1).mean().item() if ref_lp is not None else 0.0
-        self.kl_ctl.update(kl_seq, mask.shape[0])
+        local = ((old_lp - ref_lp) * mask).sum().item() if ref_lp is not None else 0.0
+        total = all_reduce_sum({"kl": local, "seqs": mask.shape[0]})  # over every rank's sequences
+        kl_seq = total["kl"] / total["seqs"]
+        self.kl_ctl.update(kl_seq, int(total["seqs"]))
         self.state["kl_coef"] = self.kl_ctl.value
         return kl_seq
 
@@ -249,11 +262,16 @@ __all__ = ["PPOTrainer", "build_critic"]
 
 def advantage_metrics(mask, token_rewards, advantages, returns, values) -> dict[str, float]:
     """veRL's statistics of the rollout batch's token rewards (summed per sequence, then averaged), advantages (token
-    mean, max, min), returns and values (token means)."""
-    token_mean = lambda t: ((t * mask).sum() / mask.sum().clamp_min(1)).item()
-    return {"critic/rewards/mean": (token_rewards * mask).sum(-1).mean().item(),
-            "critic/advantages/mean": token_mean(advantages),
-            "critic/advantages/max": advantages.masked_fill(~mask, float("-inf")).max().item(),
-            "critic/advantages/min": advantages.masked_fill(~mask, float("inf")).min().item(),
-            "critic/returns/mean": token_mean(returns),
-            "critic/values/mean": token_mean(values)}
+    mean, max, min), returns and values (token means), over every rank's rows."""
+    sums = all_reduce_sum({"tokens": mask.sum().item(), "seqs": mask.shape[0],
+                           "rewards": (token_rewards * mask).sum().item(), "advantages": (advantages * mask).sum().item(),
+                           "returns": (returns * mask).sum().item(), "values": (values * mask).sum().item()})
+    extremes = all_reduce_max({"max": advantages.masked_fill(~mask, float("-inf")).max().item(),
+                               "neg_min": -advantages.masked_fill(~mask, float("inf")).min().item()})
+    tokens = max(sums["tokens"], 1)
+    return {"critic/rewards/mean": sums["rewards"] / sums["seqs"],
+            "critic/advantages/mean": sums["advantages"] / tokens,
+            "critic/advantages/max": extremes["max"],
+            "critic/advantages/min": -extremes["neg_min"],
+            "critic/returns/mean": sums["returns"] / tokens,
+            "critic/values/mean": sums["values"] / tokens}

@@ -19,16 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank: int, world: int, port: int, out: Path, kwargs: dict) -> None:
+def _child(fn, rank: int, world: int, port: int, out: Path, init: bool, kwargs: dict) -> None:
     code = 1
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        if init:
+            torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
         result = fn(rank, **kwargs)
         torch.save(result, out / f"result-{rank}.pt")
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         code = 0
     except BaseException:  # noqa: BLE001 - reported to the parent through the file
         (out / f"error-{rank}.txt").write_text(traceback.format_exc())
@@ -36,15 +38,16 @@ def _child(fn, rank: int, world: int, port: int, out: Path, kwargs: dict) -> Non
         os._exit(code)  # never run the parent's (pytest's) exit handlers in a forked child
 
 
-def run_ranks(fn, out: Path, *, world: int = 2, timeout: float = 240.0, **kwargs) -> list:
-    """``[fn(rank, **kwargs) for rank in range(world)]``, each in its own forked process of one gloo group.
-    Results travel through ``torch.save`` files in ``out``. A rank that raises or hangs fails the call with its
-    traceback (the others are killed)."""
+def run_ranks(fn, out: Path, *, world: int = 2, timeout: float = 240.0, init: bool = True, **kwargs) -> list:
+    """``[fn(rank, **kwargs) for rank in range(world)]``, each in its own forked process of one gloo group
+    (``init=False``: the environment of ``torchrun`` only, ``fn`` joins the group itself). Results travel through
+    ``torch.save`` files in ``out``. A rank that raises or hangs fails the call with its traceback (the others are
+    killed)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, out, kwargs)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, out, init, kwargs)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -208,4 +208,5 @@ class DistributedConfig(Section):
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (memory for time)."""
     offload_reference: bool = False
-    """Keep the sharded reference policy (GRPO/PPO with a KL term) in CPU memory, gathered to the device per use."""
+    """Keep the sharded reference policy (GRPO/PPO with a KL term) in CPU memory, gathered to the GPU per use (a CPU
+    run has it there already: ignored)."""

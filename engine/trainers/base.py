@@ -187,8 +187,10 @@ class BaseTrainer:
         low = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         if low:
             model.float()  # float32 sharded parameters; FSDP casts to the compute dtype per forward
+        # offload moves accelerator memory to the host: on a CPU run the parameters are there already
         return shard_model(model, param_dtype=dtype if low else None, reshard_after_forward=d.reshard_after_forward,
-                           activation_checkpointing=d.activation_checkpointing, cpu_offload=offload)
+                           activation_checkpointing=d.activation_checkpointing,
+                           cpu_offload=offload and self.device.type == "cuda")
 
     def local_part(self, items: list) -> list:
         """This rank's contiguous share of the step's global ``items`` (all of them in a single process). Raises

@@ -26,7 +26,7 @@ class GRPOTrainer(BaseTrainer):
         with self.setting_up():
             model, tokenizer, self.train_examples, self.eval_examples = policy_and_prompts(cfg, self.device, model,
                                                                                            tokenizer)
-            self.model, self.tokenizer = model, tokenizer
+            self.tokenizer = tokenizer
             check_prompts_per_step("grpo", c.prompts_per_step, self.train_examples)
             self.check_divides(**{"grpo.prompts_per_step": c.prompts_per_step})  # a group never straddles ranks
             # the reference is the initial policy: copied before a checkpoint overwrites the weights on resume

@@ -93,7 +93,7 @@ class PPOTrainer(BaseTrainer):
             self.check_divides(**{"ppo.prompts_per_step": p.prompts_per_step, "ppo.mini_batch_size": p.mini_batch_size})
             model, tokenizer, self.train_examples, self.eval_examples = policy_and_prompts(cfg, self.device, model,
                                                                                            tokenizer)
-            self.model, self.tokenizer = model, tokenizer
+            self.tokenizer = tokenizer
             check_prompts_per_step("ppo", p.prompts_per_step, self.train_examples)
             # the reference is the initial policy: copied before a checkpoint overwrites the weights on resume
             self.ref_model = (copy.deepcopy(model).eval().requires_grad_(False) if p.kl_coef > 0 or p.adaptive_kl

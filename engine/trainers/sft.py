@@ -33,7 +33,7 @@ class SFTTrainer(BaseTrainer):
                                  "tokens plus its completion and EOS")
             model, tokenizer, self.train_examples, self.eval_examples = policy_and_prompts(cfg, self.device, model,
                                                                                            tokenizer)
-            self.model, self.tokenizer = model, tokenizer
+            self.tokenizer = tokenizer
             self.targets, self.truncated_completions = sft_targets(self.train_examples, tokenizer, data.max_length)
             s = cfg.sft
             self.model = model = self.shard(model)

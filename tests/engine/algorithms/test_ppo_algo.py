@@ -19,8 +19,7 @@ from engine.algorithms.ppo import (
     token_level_rewards,
 )
 from engine.models import tiny_model
-from engine.models.value_model import token_values, value_model_from_causal_lm
-from kernels.loss_agg import LOSS_AGG_MODES
+from engine.models.value_model import value_model_from_causal_lm
 
 TINY = {"vocab_size": 32, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
         "intermediate_size": 64}

@@ -36,7 +36,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.output_dir, digits=args.digits, ops=args.ops, sft_budget_s=args.sft_budget_s,
                       sft_target=args.sft_target, grpo_steps=args.grpo_steps, grpo_budget_s=args.grpo_budget_s,
-                      seed=args.seed, style=args.style, num_eval=args.num_eval, sft_max_steps=args.sft_max_steps)
+                      seed=args.seed, style=args.style, num_eval=args.num_eval, sft_max_steps=args.sft_max_steps,
+                      sft_checkpoint=args.sft_checkpoint, grpo_overrides=args.grpo_override)
     return 0 if result["grpo_accuracy"] >= result["sft_accuracy"] else 1
 
 

@@ -33,7 +33,7 @@ from kernels.logprobs import (
     logprobs_from_logits_ref,
 )
 from kernels.loss_agg import LOSS_AGG_MODES, agg_loss_ref
-from kernels.ppo_loss import grpo_loss, ppo_loss, ppo_loss_ref
+from kernels.ppo_loss import POLICY_LOSSES, grpo_loss, ppo_loss, ppo_loss_ref
 from kernels.reward_loss import pairwise_reward_loss, pairwise_reward_loss_ref
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rope_cache import rope_and_cache, rope_and_cache_ref
@@ -49,6 +49,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "POLICY_LOSSES",
     "agg_loss_ref",
     "backend_report",
     "discounted_returns",

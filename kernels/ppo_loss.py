@@ -1,5 +1,7 @@
 """Clipped PPO / GRPO policy loss, fused: ratio, clipping, dual clip, rollout IS weights, KL to the reference,
 aggregation, the gradient w.r.t. ``logprobs`` and the clip/KL metrics in one kernel (plus a one-program reduction).
+Three policy losses (``policy_loss``, veRL's ``loss_mode`` names; ``POLICY_LOSSES``) share the kernel, switched by a
+compile-time constant: ``vanilla`` (below), ``gspo`` and ``cispo`` (after it).
 
 Per token (``lp`` = logprobs, ``old`` = old_logprobs, ``A`` = advantages, eps_l/eps_h = clip_ratio_low/high):
 
@@ -15,34 +17,56 @@ Masked tokens (``response_mask == 0``) are never read: NaN or inf in any input t
 metric, nor the gradient, which is exactly 0 there (the kernel loads them under the mask, the reference selects them
 away with ``torch.where`` before any arithmetic).
 
+gspo (GSPO, Zheng et al. 2025, as veRL ``gspo`` writes it): one ratio per sequence, the geometric mean of its token
+ratios, given to every token of the row with the token's own gradient (veRL's ``exp(lp - sg(lp) + sg(log s_i))``):
+
+    log s_i = sum_t m*(lp - old) / max(sum_t m, 1)        (no +-20 clamp; a [B] float32 reduction run in PyTorch
+                                                           before the kernel, selecting the valid tokens)
+    r = exp(min(log s_i, 10))  (veRL's clamp) ; d r / d lp_t = s_i, 0 where log s_i > 10 (the clamp is active)
+    then L1, L2, dual clip (if asked), IS weights and KL exactly as vanilla, with this r;
+    aggregation: seq-mean-token-mean (veRL forces it; ``loss_agg_mode=None`` selects it, any other mode raises).
+
+cispo (CISPO, MiniMax-M1 2025, as veRL ``cispo`` writes it: two-sided): the clipped ratio, detached, weighs the
+log-prob of every token; no token loses its gradient to the clip:
+
+    r = exp(clamp(lp - old, -20, 20)) ;  l = -sg(clamp(r, 1 - eps_l, 1 + eps_h)) * A * lp
+    d l / d lp = -clamp(r, 1 - eps_l, 1 + eps_h) * A ;  then IS weights and KL as vanilla; no dual clip (raises).
+
 Gradient (computed in the forward: the loss is a terminal node, so nothing needs recomputing in backward):
     d l / d lp = -A * r * 1[L1 >= L2] * 1[|lp - old| <= 20] * (dual clip gate) * isw + kl_coef * d kl / d lp
 
 Metrics (detached 0-d float32 tensors, token means over the local ``response_mask``, no host synchronisation):
-``pg_loss`` (the aggregated policy-gradient part, without the KL term), ``pg_clipfrac`` = mean(L2 > L1),
-``pg_clipfrac_lower`` = mean(A < 0 and max(L1, L2) > -A*c) (dual clip active; veRL), ``ppo_kl`` = mean(old - lp),
-``kl`` = mean(kl) (whenever ``ref_logprobs`` is given, also with ``kl_coef=0``; else 0),
-``clip_ratio/low_mean`` = mean(r < 1 - eps_l and A < 0) and ``clip_ratio/high_mean`` = mean(r > 1 + eps_h and A > 0)
-(TRL).
+``pg_loss`` (the aggregated policy-gradient part, without the KL term), ``pg_clipfrac`` = mean(L2 > L1) (cispo:
+mean(r outside [1 - eps_l, 1 + eps_h]), veRL), ``pg_clipfrac_lower`` = mean(A < 0 and max(L1, L2) > -A*c) (dual clip
+active; veRL; 0 without it, so always 0 for cispo), ``ppo_kl`` = mean(old - lp) (the +-20-clamped log-ratio for
+vanilla and cispo, the raw one for gspo: veRL), ``kl`` = mean(kl) (whenever ``ref_logprobs`` is given, also with
+``kl_coef=0``; else 0), ``clip_ratio/low_mean`` = mean(r < 1 - eps_l and A < 0) and ``clip_ratio/high_mean`` =
+mean(r > 1 + eps_h and A > 0) (TRL), with each mode's ratio r (gspo: the sequence's s_i).
 
-Defaults: veRL ``vanilla`` (eps 0.2/0.2, token-mean); veRL turns dual clip on with c = 3 by default, TRL and OpenRLHF
-leave it off: ours is off (``clip_ratio_c=None``). Dims: ``B`` sequences, ``T`` response tokens.
+Defaults: veRL ``vanilla`` (eps 0.2/0.2, token-mean; gspo: seq-mean-token-mean); veRL turns dual clip on with c = 3
+by default, TRL and OpenRLHF leave it off: ours is off (``clip_ratio_c=None``). Dims: ``B`` sequences, ``T`` response
+tokens.
 
 Backends: Triton on CUDA. On the CPU, when the compiled extension is built (``kernels._extension``), the C++ kernel
 ``csrc/cpu/ppo_loss.cpp`` (op ``ppo_loss``) writes the same masked ``dl [B, T]`` and per-row statistics (one chunk per
 row; rows in parallel, tokens in vectorised tiles, any input strides read in place, mixed input dtypes upcast to
-float32 first), its ``loss_agg_rows`` op aggregates them as ``_agg_rows_kernel`` does, and the backward is
-``grad * w[:, None] * dl`` in PyTorch. Without the extension the CPU runs the PyTorch reference ``ppo_loss_ref``.
+float32 first; gspo's per-row log-ratios are an extra [B] float32 input), its ``loss_agg_rows`` op aggregates them as
+``_agg_rows_kernel`` does, and the backward is ``grad * w[:, None] * dl`` in PyTorch. Without the extension (or with a
+stale build whose op lacks the ``policy_loss`` argument: one warning, or an error when ``cpp`` is forced) the CPU runs
+the reference ``ppo_loss_ref``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kernels import _extension
-from kernels._backend import compute_dtype, select_backend, tl, triton
+from kernels._backend import compute_dtype, forced_backend, select_backend, tl, triton
 from kernels._checks import (
     check_broadcast_rows,
+    check_choice,
     check_finite,
     check_mask,
     check_positive,
@@ -63,6 +87,10 @@ from kernels.loss_agg import (
 )
 
 _LOG_RATIO_CLAMP = 20.0
+_GSPO_LOG_RATIO_MAX = 10.0  # veRL gspo: clamp(log s_i, max=10) before exp
+POLICY_LOSSES = ("vanilla", "gspo", "cispo")  # veRL loss_mode names; the kernel's POLICY_LOSS is the index
+_POLICY_ID = {name: i for i, name in enumerate(POLICY_LOSSES)}
+_GSPO_AGG = "seq-mean-token-mean"
 # Per-(row, chunk) statistics written by the fused kernel; the first three are aggregated like the loss.
 _STATS = ("tokens", "loss", "pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl",
           "clip_ratio/low_mean", "clip_ratio/high_mean")
@@ -70,13 +98,41 @@ _N_WEIGHTED = 2  # "loss" and "pg_loss"
 METRIC_NAMES = _STATS[2:]
 
 
+def resolve_policy_loss(policy_loss: str, loss_agg_mode: str | None, clip_ratio_c) -> str:
+    """Check ``policy_loss`` against the other options; returns the aggregation mode (``None`` -> token-mean for
+    vanilla/cispo, seq-mean-token-mean for gspo). Raises ValueError for an unknown ``policy_loss``, gspo with another
+    ``loss_agg_mode``, or cispo with ``clip_ratio_c``."""
+    check_choice("policy_loss", policy_loss, POLICY_LOSSES)
+    if policy_loss == "gspo":
+        if loss_agg_mode not in (None, _GSPO_AGG):
+            raise ValueError(f"policy_loss='gspo' aggregates per sequence (veRL forces it): loss_agg_mode must be "
+                             f"{_GSPO_AGG!r} or None, got {loss_agg_mode!r}")
+        return _GSPO_AGG
+    if policy_loss == "cispo" and clip_ratio_c is not None:
+        raise ValueError(f"policy_loss='cispo' has no dual clip: clip_ratio_c must be None, got {clip_ratio_c!r}")
+    return "token-mean" if loss_agg_mode is None else loss_agg_mode
+
+
+def seq_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's ``log s_i = sum_t m*(lp - old) / max(sum_t m, 1)``: ``[B]`` float32 (float64 for float64 inputs),
+    detached. Masked tokens are selected away (``torch.where``), so NaN/inf there is never summed."""
+    dtype = compute_dtype(logprobs, old_logprobs)
+    valid = response_mask.bool()
+    diff = torch.where(valid, logprobs.detach().to(dtype) - old_logprobs.detach().to(dtype),
+                       torch.zeros((), dtype=dtype, device=logprobs.device))
+    return diff.sum(-1) / valid.sum(-1).to(dtype).clamp_min(1.0)
+
+
 def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_ratio_low=0.2, clip_ratio_high=0.2,
-                 clip_ratio_c=None, loss_agg_mode="token-mean", ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
-                 rollout_is_weights=None, global_num_tokens=None, global_num_seqs=None, loss_scale_factor=None):
-    """Plain-PyTorch PPO loss (the spec; the formulas of the module docstring, written as veRL writes them).
+                 clip_ratio_c=None, loss_agg_mode=None, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
+                 rollout_is_weights=None, global_num_tokens=None, global_num_seqs=None, loss_scale_factor=None,
+                 policy_loss="vanilla"):
+    """Plain-PyTorch PPO loss (the spec; the formulas of the module docstring, written as veRL writes them:
+    ``compute_policy_loss_vanilla`` / ``_gspo`` / ``_cispo``).
 
     Same arguments and returns as ``ppo_loss``; computes in float64 for float64 inputs, float32 otherwise, and is
     differentiable through autograd (``torch.maximum``/``torch.minimum`` split ties evenly, as the kernel does)."""
+    loss_agg_mode = resolve_policy_loss(policy_loss, loss_agg_mode, clip_ratio_c)
     dtype = compute_dtype(logprobs, old_logprobs, advantages)
     valid = response_mask.bool()
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
@@ -87,20 +143,31 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_rati
 
     lp, old, adv = live(logprobs), live(old_logprobs), live(advantages)
     mask = valid
-    log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
-    clipped = torch.maximum(l1, l2)
-    pg_clipfrac = masked_mean_ref((l2 > l1).to(dtype), mask)
-    if clip_ratio_c is not None:
-        l3 = -adv * clip_ratio_c
-        dual = torch.minimum(l3, clipped)
-        pg_clipfrac_lower = masked_mean_ref(((clipped > l3) & (adv < 0)).to(dtype), mask)
-        pg = torch.where(adv < 0, dual, clipped)
+    lo, hi = 1.0 - clip_ratio_low, 1.0 + clip_ratio_high
+    if policy_loss == "gspo":  # veRL: exp(lp - sg(lp) + sg(log s_i)), clamped at 10 in log space
+        log_ratio = lp - old  # unclamped (veRL gspo); ppo_kl is its mean
+        log_s = log_ratio.sum(-1) / valid.sum(-1).to(dtype).clamp_min(1.0)
+        ratio = (lp - lp.detach() + log_s.detach()[:, None]).clamp(max=_GSPO_LOG_RATIO_MAX).exp()
     else:
+        log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        ratio = log_ratio.exp()
+    if policy_loss == "cispo":  # -sg(clip(r)) * A * lp: the clip weighs the gradient, never zeroes it
+        pg = -ratio.clamp(lo, hi).detach() * adv * lp
+        pg_clipfrac = masked_mean_ref(((ratio < lo) | (ratio > hi)).to(dtype), mask)
         pg_clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
-        pg = clipped
+    else:
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(lo, hi)
+        clipped = torch.maximum(l1, l2)
+        pg_clipfrac = masked_mean_ref((l2 > l1).to(dtype), mask)
+        if clip_ratio_c is not None:
+            l3 = -adv * clip_ratio_c
+            dual = torch.minimum(l3, clipped)
+            pg_clipfrac_lower = masked_mean_ref(((clipped > l3) & (adv < 0)).to(dtype), mask)
+            pg = torch.where(adv < 0, dual, clipped)
+        else:
+            pg_clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
+            pg = clipped
     if rollout_is_weights is not None:
         pg = pg * live(rollout_is_weights)
     agg = dict(global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
@@ -114,14 +181,15 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, response_mask, *, clip_rati
         per_token = pg
         kl_mean = torch.zeros((), dtype=dtype, device=lp.device)
     loss = agg_loss_ref(per_token, mask, loss_agg_mode, **agg)
+    ratio = ratio.detach()
     metrics = {
         "pg_loss": pg_loss,
         "pg_clipfrac": pg_clipfrac,
         "pg_clipfrac_lower": pg_clipfrac_lower,
         "ppo_kl": masked_mean_ref(-log_ratio, mask),
         "kl": kl_mean,
-        "clip_ratio/low_mean": masked_mean_ref(((ratio < 1.0 - clip_ratio_low) & (adv < 0)).to(dtype), mask),
-        "clip_ratio/high_mean": masked_mean_ref(((ratio > 1.0 + clip_ratio_high) & (adv > 0)).to(dtype), mask),
+        "clip_ratio/low_mean": masked_mean_ref(((ratio < lo) & (adv < 0)).to(dtype), mask),
+        "clip_ratio/high_mean": masked_mean_ref(((ratio > hi) & (adv > 0)).to(dtype), mask),
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
 
@@ -138,6 +206,7 @@ def _ppo_loss_fwd_kernel(
     MASK,  # [B, T] contiguous response mask (uint8 view of bool, or numbers)
     REF,  # [B, T] contiguous reference log-probs (unused unless HAS_KL)
     ISW,  # rollout IS weights, element (i, t) at i * stride_isw_b + t * stride_isw_t (unused unless HAS_ISW)
+    SEQ_LR,  # [B] float32 sequence log-ratios log s_i (gspo; unused unless POLICY_LOSS == 1)
     stride_adv_b,
     stride_adv_t,
     stride_isw_b,
@@ -150,6 +219,7 @@ def _ppo_loss_fwd_kernel(
     HAS_ISW: tl.constexpr,
     HAS_KL: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,
+    POLICY_LOSS: tl.constexpr,  # 0 vanilla, 1 gspo, 2 cispo (index in POLICY_LOSSES)
     NSTAT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -162,25 +232,41 @@ def _ppo_loss_fwd_kernel(
     adv = tl.load(ADV + row.to(tl.int64) * stride_adv_b + cols * stride_adv_t, mask=live, other=0.0).to(tl.float32)
 
     raw = lp - old
-    log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
-    ratio = tl.exp(log_ratio)
-    dratio = tl.where((raw >= -20.0) & (raw <= 20.0), ratio, 0.0)
-    l1 = -adv * ratio
-    l2 = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    pg = tl.maximum(l1, l2)
-    # d max(L1, L2): L2 only carries gradient inside the clip range, where it equals L1.
-    dpg = tl.where(l1 >= l2, -adv * dratio, 0.0)
-    clipfrac = tl.where(l2 > l1, 1.0, 0.0)
-    if HAS_DUAL_CLIP:
-        l3 = -adv * clip_c
-        is_neg = adv < 0
-        # torch.minimum splits a tie evenly; the kernel matches it.
-        gate = tl.where(pg < l3, 1.0, tl.where(pg == l3, 0.5, 0.0))
-        clipfrac_lower = tl.where(is_neg & (pg > l3), 1.0, 0.0)
-        dpg = tl.where(is_neg, dpg * gate, dpg)
-        pg = tl.where(is_neg, tl.minimum(pg, l3), pg)
+    if POLICY_LOSS == 1:
+        # gspo: the row's ratio s_i = exp(min(log s_i, 10)) on every token, d r / d lp_t = s_i (0 where clamped)
+        log_s = tl.load(SEQ_LR + row) + tl.zeros((BLOCK_T,), dtype=tl.float32)
+        ratio = tl.exp(tl.minimum(log_s, 10.0))
+        dratio = tl.where(log_s <= 10.0, ratio, 0.0)
+        neg_kl = -raw  # veRL gspo: ppo_kl of the unclamped log-ratio
     else:
+        log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+        ratio = tl.exp(log_ratio)
+        dratio = tl.where((raw >= -20.0) & (raw <= 20.0), ratio, 0.0)
+        neg_kl = -log_ratio
+    if POLICY_LOSS == 2:
+        # cispo: l = -sg(clip(r)) * A * lp, so d l / d lp = -clip(r) * A (no dual clip: the host refuses it)
+        cr = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        pg = -cr * adv * lp
+        dpg = -cr * adv
+        clipfrac = tl.where((ratio < clip_low) | (ratio > clip_high), 1.0, 0.0)
         clipfrac_lower = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    else:
+        l1 = -adv * ratio
+        l2 = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        pg = tl.maximum(l1, l2)
+        # d max(L1, L2): L2 only carries gradient inside the clip range, where it equals L1.
+        dpg = tl.where(l1 >= l2, -adv * dratio, 0.0)
+        clipfrac = tl.where(l2 > l1, 1.0, 0.0)
+        if HAS_DUAL_CLIP:
+            l3 = -adv * clip_c
+            is_neg = adv < 0
+            # torch.minimum splits a tie evenly; the kernel matches it.
+            gate = tl.where(pg < l3, 1.0, tl.where(pg == l3, 0.5, 0.0))
+            clipfrac_lower = tl.where(is_neg & (pg > l3), 1.0, 0.0)
+            dpg = tl.where(is_neg, dpg * gate, dpg)
+            pg = tl.where(is_neg, tl.minimum(pg, l3), pg)
+        else:
+            clipfrac_lower = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if HAS_ISW:
         isw_ptrs = ISW + row.to(tl.int64) * stride_isw_b + cols * stride_isw_t
         isw = tl.load(isw_ptrs, mask=live, other=0.0).to(tl.float32)
@@ -204,16 +290,20 @@ def _ppo_loss_fwd_kernel(
     tl.store(base + 2, tl.sum(m * pg, axis=0))
     tl.store(base + 3, tl.sum(m * clipfrac, axis=0))
     tl.store(base + 4, tl.sum(m * clipfrac_lower, axis=0))
-    tl.store(base + 5, tl.sum(m * -log_ratio, axis=0))
+    tl.store(base + 5, tl.sum(m * neg_kl, axis=0))
     tl.store(base + 6, tl.sum(m * kl, axis=0))
     tl.store(base + 7, tl.sum(m * low, axis=0))
     tl.store(base + 8, tl.sum(m * high, axis=0))
 
 
-def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, kl_coef, est, agg, backend):
+def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, kl_coef, est, agg, policy,
+                  backend):
     """Launch the fused kernel (Triton, or the compiled CPU kernel for ``backend="cpp"``) and the aggregation;
-    returns ``(out [NSTAT], w [B], dl [B, T])`` float32."""
+    returns ``(out [NSTAT], w [B], dl [B, T])`` float32. gspo first reduces the ``[B]`` sequence log-ratios in
+    PyTorch (``seq_log_ratio``: one read of ``lp`` and ``old``)."""
     B, T = lp.shape
+    mode = _POLICY_ID[policy]
+    seq_lr = seq_log_ratio(lp, old, mask) if policy == "gspo" else None
     adv = adv.expand(B, T)  # a per-sequence [B, 1] view gets column stride 0
     isw = None if isw is None else isw.expand(B, T)
     if backend == "cpp":
@@ -223,7 +313,7 @@ def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, 
             lp, old, adv, ref, isw = (None if t is None else t.float() for t in floats)
         dl, stats = _extension.op("ppo_loss")(
             lp, old, adv, mask if mask.dtype == torch.bool else mask != 0, ref, isw, clip_low, clip_high, clip_c,
-            kl_coef, est)
+            kl_coef, est, mode, seq_lr)
         out, w = aggregate_rows(stats, _N_WEIGHTED, agg, B, T, backend="cpp")
         return out, w, dl
     lp, old = lp.contiguous(), old.contiguous()
@@ -231,11 +321,38 @@ def _ppo_loss_fwd(lp, old, adv, mask, ref, isw, *, clip_low, clip_high, clip_c, 
     return launch_token_loss(
         _ppo_loss_fwd_kernel, B, T, len(_STATS), _N_WEIGHTED, agg, lp.device,
         lp, old, adv, as_kernel_mask(mask), ref if ref is not None else lp, isw if isw is not None else lp,
+        seq_lr if seq_lr is not None else lp,
         adv.stride(0), adv.stride(1), isw.stride(0) if isw is not None else 0, isw.stride(1) if isw is not None else 0,
         1.0 - clip_low, 1.0 + clip_high, clip_c or 0.0, kl_coef,
         HAS_DUAL_CLIP=clip_c is not None, HAS_ISW=isw is not None, HAS_KL=ref is not None,
-        KL_ESTIMATOR=_ESTIMATOR_ID[est],
+        KL_ESTIMATOR=_ESTIMATOR_ID[est], POLICY_LOSS=mode,
     )
+
+
+_cpp_schema_ok: bool | None = None
+
+
+def _cpp_has_policy_loss() -> bool:
+    """Whether the loaded ``rlhf_engine::ppo_loss`` takes ``policy_loss`` (a build of the current source). A library
+    compiled from an older source (e.g. loaded by a long-lived process before the source changed) would not: its
+    schema is checked once, so it is never called with arguments it would misread."""
+    global _cpp_schema_ok
+    if _cpp_schema_ok is None:
+        schema = _extension.op("ppo_loss").default._schema
+        _cpp_schema_ok = any(a.name == "policy_loss" for a in schema.arguments)
+    return _cpp_schema_ok
+
+
+def _check_cpp_schema() -> str:
+    """``"cpp"`` when the compiled op is current; else ``"torch"`` (one warning), or RuntimeError when forced."""
+    if _cpp_has_policy_loss():
+        return "cpp"
+    msg = ("the compiled rlhf_engine::ppo_loss is a stale build without the policy_loss argument (rebuild: "
+           "python -m kernels, or clear the cache under kernels._extension.build_root())")
+    if forced_backend() == "cpp":
+        raise RuntimeError(f"RLHF_KERNELS_BACKEND=cpp but {msg}")
+    warnings.warn(f"rlhf-engine: {msg}; ppo_loss uses the PyTorch reference", RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 class PPOLossFunction(torch.autograd.Function):
@@ -263,12 +380,13 @@ class PPOLossFunction(torch.autograd.Function):
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
              response_mask: torch.Tensor, *, clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
-             clip_ratio_c: float | None = None, loss_agg_mode: str = "token-mean",
+             clip_ratio_c: float | None = None, loss_agg_mode: str | None = None,
              ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
              rollout_is_weights: torch.Tensor | None = None, global_num_tokens: float | None = None,
-             global_num_seqs: float | None = None,
-             loss_scale_factor: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss with optional dual clip, rollout IS weights and KL term, fused in one kernel.
+             global_num_seqs: float | None = None, loss_scale_factor: float | None = None,
+             policy_loss: str = "vanilla") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss (vanilla, GSPO or CISPO) with optional dual clip, rollout IS weights and KL term,
+    fused in one kernel.
 
     Args:
         logprobs: ``[B, T]`` float32/bf16/fp16 (fp64 -> reference), log-probs of the response tokens under the
@@ -281,8 +399,10 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         clip_ratio_low, clip_ratio_high: clip range ``[1 - low, 1 + high]`` of the ratio (finite, >= 0; DAPO
             clip-higher uses high = 0.28). ``clip_ratio_low`` must be <= 1.
         clip_ratio_c: dual-clip bound (finite, > 1, veRL uses 3.0) for negative advantages; None (default) = off.
-        loss_agg_mode: ``token-mean`` (default), ``seq-mean-token-mean``, ``seq-mean-token-sum``,
-            ``seq-mean-token-sum-norm``; formulas in ``kernels.loss_agg``.
+            Not with ``policy_loss="cispo"``.
+        loss_agg_mode: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``,
+            ``seq-mean-token-sum-norm`` (formulas in ``kernels.loss_agg``), or None (default): token-mean, and
+            seq-mean-token-mean for gspo, which takes no other mode (veRL forces it).
         ref_logprobs: ``[B, T]`` reference log-probs; required when ``kl_coef`` > 0.
         kl_coef: weight (finite, >= 0) of the KL term added to every token's loss, unclipped.
         kl_estimator: ``k1``, ``k2``, ``k3`` (default) or ``abs`` (see ``kernels.kl``).
@@ -297,6 +417,9 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         loss_scale_factor: the constant of ``seq-mean-token-sum-norm``, which divides the seq-mean of token sums
             (default ``T``; pass TRL's ``max_completion_length`` for its ``dr_grpo``).
             With global denominators, micro-batch losses sum to the full-batch loss (``kernels.loss_agg``).
+        policy_loss: ``vanilla`` (default; PPO, veRL ``vanilla``), ``gspo`` (Zheng et al. 2025, veRL ``gspo``: the
+            ratio of every token is its sequence's geometric mean ``s_i``) or ``cispo`` (MiniMax-M1 2025, veRL
+            ``cispo``, two-sided: ``-sg(clip(r)) * A * lp``); formulas in the module docstring (``POLICY_LOSSES``).
 
     Returns:
         ``(loss, metrics)``: ``loss`` 0-d float32 (float64 for float64 inputs), differentiable w.r.t. ``logprobs``
@@ -306,8 +429,10 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         TypeError: non-tensor or wrongly typed inputs, non-numeric hyper-parameters. ValueError: shape/device
         mismatches, a non-bool ``response_mask`` holding values other than 0 and 1, NaN or infinite
         hyper-parameters or denominators (named with their value), negative or out-of-range clip ratios,
-        ``clip_ratio_c`` <= 1, ``kl_coef`` < 0 or > 0 without ``ref_logprobs``, unknown ``kl_estimator`` or
-        ``loss_agg_mode``, non-positive denominators.
+        ``clip_ratio_c`` <= 1, ``kl_coef`` < 0 or > 0 without ``ref_logprobs``, unknown ``kl_estimator``,
+        ``loss_agg_mode`` or ``policy_loss``, gspo with a ``loss_agg_mode`` other than seq-mean-token-mean, cispo
+        with ``clip_ratio_c``, non-positive denominators. RuntimeError: ``RLHF_KERNELS_BACKEND=cpp`` with a stale
+        compiled op (see the module docstring).
     """
     check_tensor("logprobs", logprobs, ndim=2)
     check_tensor("old_logprobs", old_logprobs)
@@ -338,18 +463,22 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
         raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logprobs (got None); pass kl_coef=0.0 to train without "
                          "a reference model")
     est = resolve_kl_estimator(kl_estimator)
+    loss_agg_mode = resolve_policy_loss(policy_loss, loss_agg_mode, clip_ratio_c)
     agg = check_agg_args(loss_agg_mode, global_num_tokens, global_num_seqs, loss_scale_factor)
     backend = select_backend("ppo_loss", logprobs, old_logprobs, advantages, ref_logprobs, rollout_is_weights)
+    if backend == "cpp":
+        backend = _check_cpp_schema()
     if backend == "torch":
         return ppo_loss_ref(logprobs, old_logprobs.detach(), adv.detach(), response_mask,
                             clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
                             clip_ratio_c=clip_ratio_c, loss_agg_mode=agg[0], ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_estimator=est,
                             rollout_is_weights=None if isw is None else isw.detach(),
-                            global_num_tokens=agg[1], global_num_seqs=agg[2], loss_scale_factor=agg[3])
+                            global_num_tokens=agg[1], global_num_seqs=agg[2], loss_scale_factor=agg[3],
+                            policy_loss=policy_loss)
     kw = dict(clip_low=float(clip_ratio_low), clip_high=float(clip_ratio_high),
               clip_c=None if clip_ratio_c is None else float(clip_ratio_c), kl_coef=float(kl_coef), est=est, agg=agg,
-              backend=backend)
+              policy=policy_loss, backend=backend)
     loss, out = PPOLossFunction.apply(
         logprobs, old_logprobs.detach(), adv.detach(), response_mask,
         None if ref_logprobs is None else ref_logprobs.detach(), None if isw is None else isw.detach(), kw,
@@ -362,6 +491,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     """GRPO policy loss: ``ppo_loss`` with the GRPO defaults (``kl_coef=0.04``, k3 KL to ``ref_logprobs``).
 
     ``advantages`` are usually per sequence (``[B]``, from ``kernels.group_advantages``). Every other keyword is
-    ``ppo_loss``'s (same defaults: clip 0.2/0.2, token-mean). Pass ``kl_coef=0.0`` (TRL's default beta) to train
+    ``ppo_loss``'s (same defaults: clip 0.2/0.2, token-mean, ``policy_loss="vanilla"``; ``"gspo"``/``"cispo"``
+    select GSPO / CISPO). Pass ``kl_coef=0.0`` (TRL's default beta) to train
     without a reference model. Raises what ``ppo_loss`` raises."""
     return ppo_loss(logprobs, old_logprobs, advantages, response_mask, kl_coef=kl_coef, **kwargs)

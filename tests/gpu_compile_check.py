@@ -207,17 +207,18 @@ def loss_agg_variants(V) -> list[Variant]:
 def ppo_variants(V) -> list[Variant]:
     nstat = len(V.ppo_loss._STATS)
     scalars = {"clip_low": "fp32", "clip_high": "fp32", "clip_c": "fp32", "kl_coef": "fp32"}
-    rows = []
-    kl_rows = 0
-    for i, (dual, isw, kl) in enumerate(product((False, True), repeat=3)):
+    policy_names = V.ppo_loss.POLICY_LOSSES
+
+    def row(i, policy, dual, isw, kl, est):
         dt = rot(FLOATS, i)
         per_seq_adv = i % 2 == 0
-        # without ref_logprobs / IS weights the launcher passes the logprobs pointer in their place
+        # without ref_logprobs / IS weights / gspo's [B] float32 sequence log-ratios the launcher passes the
+        # logprobs pointer in their place
         sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "LP": p(dt), "OLD": p(dt), "ADV": "*fp32",
-               "MASK": p(rot(MASKS, i)), "REF": p("fp32" if kl else dt), "ISW": p("fp32" if isw else dt), **scalars}
-        const = {"HAS_DUAL_CLIP": dual, "HAS_ISW": isw, "HAS_KL": kl, "KL_ESTIMATOR": kl_rows % 4 if kl else 2,
-                 "NSTAT": nstat, "BLOCK_T": V.loss_agg.block_t(4096)}
-        kl_rows += kl
+               "MASK": p(rot(MASKS, i)), "REF": p("fp32" if kl else dt), "ISW": p("fp32" if isw else dt),
+               "SEQ_LR": p("fp32" if policy == 1 else dt), **scalars}
+        const = {"HAS_DUAL_CLIP": dual, "HAS_ISW": isw, "HAS_KL": kl, "KL_ESTIMATOR": est if kl else 2,
+                 "POLICY_LOSS": policy, "NSTAT": nstat, "BLOCK_T": V.loss_agg.block_t(4096)}
         # per-sequence advantages [B, 1] expanded: strides (1, 0); per-token [B, T] contiguous: (T, 1)
         if per_seq_adv:
             const["stride_adv_b"], sig["stride_adv_t"] = 1, "i32"
@@ -231,17 +232,31 @@ def ppo_variants(V) -> list[Variant]:
             const["C"] = 1  # one token chunk per row (T <= 1024)
         else:
             sig["C"] = "i32"
-        name = (f"dual={dual} isw={isw} kl={kl}" + (f" est={const['KL_ESTIMATOR']}" if kl else "")
+        name = (f"{policy_names[policy]} dual={dual} isw={isw} kl={kl}" + (f" est={est}" if kl else "")
                 + f" {dt} mask={sig['MASK'][1:]} adv={'seq' if per_seq_adv else 'tok'} C={sig.get('C', 1)}")
-        rows.append(Variant("ppo_loss._ppo_loss_fwd_kernel", name, sig, const))
+        return Variant("ppo_loss._ppo_loss_fwd_kernel", name, sig, const)
+
+    rows = []
+    kl_rows = 0
+    for i, (dual, isw, kl) in enumerate(product((False, True), repeat=3)):  # vanilla: every switch
+        rows.append(row(i, 0, dual, isw, kl, kl_rows % 4))
+        kl_rows += kl
+    # gspo (every switch, dual clip included) and cispo (no dual clip): each switch on and off at least once
+    for i, (policy, dual, isw, kl) in enumerate([(1, False, False, False), (1, True, True, True),
+                                                 (1, False, True, False), (1, True, False, True),
+                                                 (2, False, False, False), (2, False, True, True),
+                                                 (2, False, True, False), (2, False, False, True)]):
+        rows.append(row(i, policy, dual, isw, kl, i % 4))
     # every int generic (strided advantages and IS weights), mixed dtypes, short responses (BLOCK_T 16)
-    sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "C": "i32", "LP": "*bf16", "OLD": "*fp16", "ADV": "*bf16",
-           "MASK": "*i32", "REF": "*bf16", "ISW": "*fp32", "stride_adv_b": "i32", "stride_adv_t": "i32",
-           "stride_isw_b": "i32", "stride_isw_t": "i32", **scalars}
-    const = {"HAS_DUAL_CLIP": True, "HAS_ISW": True, "HAS_KL": True, "KL_ESTIMATOR": 2, "NSTAT": nstat,
-             "BLOCK_T": V.loss_agg.block_t(10)}
-    rows.append(Variant("ppo_loss._ppo_loss_fwd_kernel",
-                        "all ints i32 bf16 lp, fp16 old, bf16 adv, i32 mask BLOCK_T=16", sig, const))
+    for policy in range(len(policy_names)):
+        sig = {"DL": "*fp32", "STATS": "*fp32", "T": "i32", "C": "i32", "LP": "*bf16", "OLD": "*fp16",
+               "ADV": "*bf16", "MASK": "*i32", "REF": "*bf16", "ISW": "*fp32",
+               "SEQ_LR": "*fp32" if policy == 1 else "*bf16", "stride_adv_b": "i32", "stride_adv_t": "i32",
+               "stride_isw_b": "i32", "stride_isw_t": "i32", **scalars}
+        const = {"HAS_DUAL_CLIP": policy != 2, "HAS_ISW": True, "HAS_KL": True, "KL_ESTIMATOR": 2,
+                 "POLICY_LOSS": policy, "NSTAT": nstat, "BLOCK_T": V.loss_agg.block_t(10)}
+        rows.append(Variant("ppo_loss._ppo_loss_fwd_kernel", f"{policy_names[policy]} all ints i32 bf16 lp, fp16 "
+                            "old, bf16 adv, i32 mask BLOCK_T=16", sig, const))
     return rows
 
 

@@ -2,7 +2,8 @@
 // writes the masked per-token gradient dl [B, T] and the row's statistics [B, 1, NSTAT], the layout of the Triton
 // kernel's per-chunk statistics with one chunk per row; loss_agg_rows then aggregates them (the port of
 // kernels/loss_agg.py's _agg_rows_kernel). The per-token math, the metric definitions and the masking rules are the
-// spec's, kernels/ppo_loss.py (module docstring) and kernels/kl.py.
+// spec's, kernels/ppo_loss.py (module docstring) and kernels/kl.py. policy_loss selects vanilla (0), gspo (1: the
+// row's ratio exp(min(log s_i, 10)) from the caller's [B] seq_log_ratio) or cispo (2: -sg(clip(r)) * A * lp).
 //
 // Masked tokens (response_mask false) are never read: a tile's inputs are loaded under the mask (0 elsewhere), so
 // NaN/inf there reaches no loss, no statistic and no gradient (their dl is exactly 0).
@@ -19,7 +20,10 @@ constexpr int64_t kTile = 256;  // tokens per tile: 6 float32 input arrays of 1 
 constexpr int kNStat = 9;       // tokens, loss, pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, kl, low, high
 constexpr float kLogRatioClamp = 20.f;
 
+constexpr float kGspoLogRatioMax = 10.f;  // veRL gspo: clamp(log s_i, max=10)
+
 enum KlEstimator { kNoKl = -1, kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
+enum PolicyLoss { kVanilla = 0, kGspo = 1, kCispo = 2 };  // kernels/ppo_loss.py POLICY_LOSSES
 
 int parse_estimator(const std::string& name) {
   if (name == "k1") return kK1;
@@ -77,27 +81,50 @@ struct Params {
   float clip_low, clip_high, clip_c, kl_coef;  // clip_low = 1 - clip_ratio_low, clip_high = 1 + clip_ratio_high
 };
 
+// The row's GSPO ratio (unused by the other modes): s = exp(min(log s_i, 10)), ds = d r / d lp_t (0 when clamped).
+struct RowRatio {
+  float s = 1.f, ds = 1.f;
+};
+
 // The per-token math of one tile (float32, as the Triton kernel): writes dl (0 where masked) and adds the tile's
 // nine masked sums to acc.
-template <bool DUAL, bool ISW, int KL>
+template <int MODE, bool DUAL, bool ISW, int KL>
 inline void tile_math(int64_t n, const float* m, const float* lp, const float* old, const float* adv,
-                      const float* ref, const float* isw, const Params& P, float* dl_out, double* acc) {
+                      const float* ref, const float* isw, const Params& P, RowRatio row, float* dl_out,
+                      double* acc) {
+  static_assert(!(MODE == kCispo && DUAL), "cispo has no dual clip");
   float s_tok = 0.f, s_loss = 0.f, s_pg = 0.f, s_cf = 0.f, s_cfl = 0.f, s_ppo_kl = 0.f, s_kl = 0.f, s_low = 0.f,
         s_high = 0.f;
 #pragma omp simd reduction(+ : s_tok, s_loss, s_pg, s_cf, s_cfl, s_ppo_kl, s_kl, s_low, s_high)
   for (int64_t j = 0; j < n; ++j) {
     const float a = adv[j];
     const float raw = lp[j] - old[j];
-    const float log_ratio = std::min(std::max(raw, -kLogRatioClamp), kLogRatioClamp);
-    const float ratio = fast_exp(log_ratio);
-    const float dratio = (raw >= -kLogRatioClamp && raw <= kLogRatioClamp) ? ratio : 0.f;
-    const float l1 = -a * ratio;
-    const float l2 = -a * std::min(std::max(ratio, P.clip_low), P.clip_high);
-    float pg = std::max(l1, l2);
-    // d max(L1, L2): L2 only carries gradient inside the clip range, where it equals L1
-    float dpg = l1 >= l2 ? -a * dratio : 0.f;
-    const float clipfrac = l2 > l1 ? 1.f : 0.f;
-    float clipfrac_lower = 0.f;
+    float ratio, dratio, neg_kl;
+    if constexpr (MODE == kGspo) {  // the row's ratio on every token; ppo_kl of the unclamped log-ratio (veRL)
+      ratio = row.s;
+      dratio = row.ds;
+      neg_kl = -raw;
+    } else {
+      const float log_ratio = std::min(std::max(raw, -kLogRatioClamp), kLogRatioClamp);
+      ratio = fast_exp(log_ratio);
+      dratio = (raw >= -kLogRatioClamp && raw <= kLogRatioClamp) ? ratio : 0.f;
+      neg_kl = -log_ratio;
+    }
+    float pg, dpg, clipfrac, clipfrac_lower = 0.f;
+    if constexpr (MODE == kCispo) {  // l = -sg(clip(r)) * A * lp: d l / d lp = -clip(r) * A
+      const float cr = std::min(std::max(ratio, P.clip_low), P.clip_high);
+      pg = -cr * a * lp[j];
+      dpg = -cr * a;
+      clipfrac = (ratio < P.clip_low || ratio > P.clip_high) ? 1.f : 0.f;
+      (void)dratio;
+    } else {
+      const float l1 = -a * ratio;
+      const float l2 = -a * std::min(std::max(ratio, P.clip_low), P.clip_high);
+      pg = std::max(l1, l2);
+      // d max(L1, L2): L2 only carries gradient inside the clip range, where it equals L1
+      dpg = l1 >= l2 ? -a * dratio : 0.f;
+      clipfrac = l2 > l1 ? 1.f : 0.f;
+    }
     if constexpr (DUAL) {
       const float l3 = -a * P.clip_c;
       const bool neg = a < 0.f;
@@ -140,7 +167,7 @@ inline void tile_math(int64_t n, const float* m, const float* lp, const float* o
     s_pg += mj * pg;
     s_cf += mj * clipfrac;
     s_cfl += mj * clipfrac_lower;
-    s_ppo_kl += mj * -log_ratio;
+    s_ppo_kl += mj * neg_kl;
     s_kl += mj * kl;
     s_low += (mj != 0.f && ratio < P.clip_low && a < 0.f) ? 1.f : 0.f;
     s_high += (mj != 0.f && ratio > P.clip_high && a > 0.f) ? 1.f : 0.f;
@@ -150,33 +177,42 @@ inline void tile_math(int64_t n, const float* m, const float* lp, const float* o
 }
 
 using TileFn = void (*)(int64_t, const float*, const float*, const float*, const float*, const float*, const float*,
-                        const Params&, float*, double*);
+                        const Params&, RowRatio, float*, double*);
 
-template <bool DUAL, bool ISW>
+template <int MODE, bool DUAL, bool ISW>
 TileFn pick_kl(int kl) {
   switch (kl) {
     case kK1:
-      return &tile_math<DUAL, ISW, kK1>;
+      return &tile_math<MODE, DUAL, ISW, kK1>;
     case kK2:
-      return &tile_math<DUAL, ISW, kK2>;
+      return &tile_math<MODE, DUAL, ISW, kK2>;
     case kK3:
-      return &tile_math<DUAL, ISW, kK3>;
+      return &tile_math<MODE, DUAL, ISW, kK3>;
     case kAbs:
-      return &tile_math<DUAL, ISW, kAbs>;
+      return &tile_math<MODE, DUAL, ISW, kAbs>;
     default:
-      return &tile_math<DUAL, ISW, kNoKl>;
+      return &tile_math<MODE, DUAL, ISW, kNoKl>;
   }
 }
 
-TileFn pick_tile_fn(bool dual, bool isw, int kl) {
-  if (dual) return isw ? pick_kl<true, true>(kl) : pick_kl<true, false>(kl);
-  return isw ? pick_kl<false, true>(kl) : pick_kl<false, false>(kl);
+template <int MODE>
+TileFn pick_dual_isw(bool dual, bool isw, int kl) {
+  if constexpr (MODE != kCispo) {
+    if (dual) return isw ? pick_kl<MODE, true, true>(kl) : pick_kl<MODE, true, false>(kl);
+  }
+  return isw ? pick_kl<MODE, false, true>(kl) : pick_kl<MODE, false, false>(kl);
+}
+
+TileFn pick_tile_fn(int mode, bool dual, bool isw, int kl) {
+  if (mode == kGspo) return pick_dual_isw<kGspo>(dual, isw, kl);
+  if (mode == kCispo) return pick_dual_isw<kCispo>(dual, isw, kl);  // dual refused by the caller
+  return pick_dual_isw<kVanilla>(dual, isw, kl);
 }
 
 template <typename scalar_t>
 void ppo_rows(const at::Tensor& lp_t, const at::Tensor& old_t, const at::Tensor& adv_t, const at::Tensor& mask_t,
-              const at::Tensor* ref_t, const at::Tensor* isw_t, const Params& P, TileFn fn, at::Tensor& dl_t,
-              at::Tensor& stats_t) {
+              const at::Tensor* ref_t, const at::Tensor* isw_t, const at::Tensor* seq_t, const Params& P, TileFn fn,
+              at::Tensor& dl_t, at::Tensor& stats_t) {
   const int64_t B = lp_t.size(0), T = lp_t.size(1);
   const Strided<scalar_t> lp(lp_t), old(old_t), adv(adv_t);
   const Strided<scalar_t> ref = ref_t != nullptr ? Strided<scalar_t>(*ref_t) : Strided<scalar_t>();
@@ -184,12 +220,20 @@ void ppo_rows(const at::Tensor& lp_t, const at::Tensor& old_t, const at::Tensor&
   // a bool is one byte holding 0 or 1: read as uint8 so that the conversion to a float 0/1 tile vectorises
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask_t.data_ptr<bool>());
   const int64_t ms0 = mask_t.stride(0), ms1 = mask_t.stride(1);
+  const float* seq = seq_t != nullptr ? seq_t->data_ptr<float>() : nullptr;
+  const int64_t seq_s = seq_t != nullptr ? seq_t->stride(0) : 0;
   float* dl = dl_t.data_ptr<float>();
   float* stats = stats_t.data_ptr<float>();
   at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
     alignas(64) float m[kTile], x_lp[kTile], x_old[kTile], x_adv[kTile], x_ref[kTile], x_isw[kTile];
     for (int64_t b = b0; b < b1; ++b) {
       double acc[kNStat] = {0.0};
+      RowRatio row;
+      if (seq != nullptr) {
+        const float log_s = seq[b * seq_s];
+        row.s = std::exp(std::min(log_s, kGspoLogRatioMax));  // NaN stays NaN (std::min returns its first argument)
+        row.ds = log_s <= kGspoLogRatioMax ? row.s : 0.f;
+      }
       for (int64_t t0 = 0; t0 < T; t0 += kTile) {
         const int64_t n = std::min(kTile, T - t0);
         const uint8_t* mrow = mp + b * ms0 + t0 * ms1;
@@ -203,7 +247,7 @@ void ppo_rows(const at::Tensor& lp_t, const at::Tensor& old_t, const at::Tensor&
         load_tile(adv, b, t0, n, m, x_adv);
         if (ref_t != nullptr) load_tile(ref, b, t0, n, m, x_ref);
         if (isw_t != nullptr) load_tile(isw, b, t0, n, m, x_isw);
-        fn(n, m, x_lp, x_old, x_adv, x_ref, x_isw, P, dl + b * T + t0, acc);
+        fn(n, m, x_lp, x_old, x_adv, x_ref, x_isw, P, row, dl + b * T + t0, acc);
       }
       for (int k = 0; k < kNStat; ++k) stats[b * kNStat + k] = static_cast<float>(acc[k]);
     }
@@ -227,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss(const at::Tensor& logprobs, const at
                                             const c10::optional<at::Tensor>& rollout_is_weights,
                                             double clip_ratio_low, double clip_ratio_high,
                                             c10::optional<double> clip_ratio_c, double kl_coef,
-                                            c10::string_view kl_estimator) {
+                                            c10::string_view kl_estimator, int64_t policy_loss,
+                                            const c10::optional<at::Tensor>& seq_log_ratio) {
   check_cpu(logprobs, "logprobs");
   check_dim(logprobs, 2, "logprobs");
   check_float(logprobs, "logprobs");
@@ -247,6 +292,20 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss(const at::Tensor& logprobs, const at
   const int est = parse_estimator(std::string(kl_estimator.data(), kl_estimator.size()));
   TORCH_CHECK_VALUE(kl_coef == 0.0 || ref_logprobs.has_value(), "kl_coef=", kl_coef,
                     " > 0 needs ref_logprobs, got None");
+  TORCH_CHECK_VALUE(policy_loss >= kVanilla && policy_loss <= kCispo,
+                    "policy_loss must be 0 (vanilla), 1 (gspo) or 2 (cispo), got ", policy_loss);
+  TORCH_CHECK_VALUE(policy_loss != kCispo || !clip_ratio_c.has_value(),
+                    "policy_loss=2 (cispo) has no dual clip: clip_ratio_c must be None, got ", clip_ratio_c.value_or(0));
+  TORCH_CHECK_VALUE((policy_loss == kGspo) == seq_log_ratio.has_value(), "seq_log_ratio must be given for ",
+                    "policy_loss=1 (gspo) and only then; got policy_loss=", policy_loss, " and ",
+                    seq_log_ratio.has_value() ? "a tensor" : "None");
+  if (seq_log_ratio.has_value()) {
+    check_cpu(*seq_log_ratio, "seq_log_ratio");
+    check_dim(*seq_log_ratio, 1, "seq_log_ratio");
+    check_dtype(*seq_log_ratio, at::kFloat, "seq_log_ratio");
+    TORCH_CHECK_VALUE(seq_log_ratio->size(0) == logprobs.size(0), "seq_log_ratio must have shape [",
+                      logprobs.size(0), "] (one per row of logprobs), got ", seq_log_ratio->sizes());
+  }
 
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto f32 = logprobs.options().dtype(at::kFloat);
@@ -255,13 +314,14 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss(const at::Tensor& logprobs, const at
   if (B * T == 0) return {dl, stats};
   const Params P{static_cast<float>(1.0 - clip_ratio_low), static_cast<float>(1.0 + clip_ratio_high),
                  static_cast<float>(clip_ratio_c.value_or(0.0)), static_cast<float>(kl_coef)};
-  const TileFn fn =
-      pick_tile_fn(clip_ratio_c.has_value(), rollout_is_weights.has_value(), ref_logprobs.has_value() ? est : kNoKl);
+  const TileFn fn = pick_tile_fn(static_cast<int>(policy_loss), clip_ratio_c.has_value(),
+                                 rollout_is_weights.has_value(), ref_logprobs.has_value() ? est : kNoKl);
   const at::Tensor* ref = ref_logprobs.has_value() ? &*ref_logprobs : nullptr;
   const at::Tensor* isw = rollout_is_weights.has_value() ? &*rollout_is_weights : nullptr;
+  const at::Tensor* seq = seq_log_ratio.has_value() ? &*seq_log_ratio : nullptr;
   dispatch_float(dtype, "logprobs", [&](auto tag) {
     using scalar_t = decltype(tag);
-    ppo_rows<scalar_t>(logprobs, old_logprobs, advantages, response_mask, ref, isw, P, fn, dl, stats);
+    ppo_rows<scalar_t>(logprobs, old_logprobs, advantages, response_mask, ref, isw, seq, P, fn, dl, stats);
   });
   return {dl, stats};
 }
@@ -342,7 +402,8 @@ std::tuple<at::Tensor, at::Tensor> loss_agg_rows(const at::Tensor& stats, int64_
 TORCH_LIBRARY_FRAGMENT(rlhf_engine, m) {
   m.def("ppo_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor response_mask, "
         "Tensor? ref_logprobs, Tensor? rollout_is_weights, float clip_ratio_low, float clip_ratio_high, "
-        "float? clip_ratio_c, float kl_coef, str kl_estimator) -> (Tensor dl, Tensor stats)");
+        "float? clip_ratio_c, float kl_coef, str kl_estimator, int policy_loss=0, Tensor? seq_log_ratio=None) "
+        "-> (Tensor dl, Tensor stats)");
   m.def("loss_agg_rows(Tensor stats, int n_weighted, str loss_agg_mode, float? global_num_tokens, "
         "float? global_num_seqs, float loss_scale_factor) -> (Tensor out, Tensor w)");
 }

@@ -13,6 +13,7 @@ import torch
 
 import kernels as K
 from engine.algorithms.accumulation import mixed_precision
+from engine.algorithms.packing import PackedBatch, packed_hidden
 from engine.distributed.fsdp import call_in_root
 
 
@@ -89,21 +90,27 @@ def make_pair_batch(prompts: list[list[int]], chosen: list[list[int]], rejected:
     return make_batch(list(prompts) + list(prompts), list(chosen) + list(rejected), pad_id, device)
 
 
-def response_logprobs(model, batch: TokenBatch, *, temperature: float = 1.0, return_entropy: bool = False):
+def response_logprobs(model, batch: TokenBatch | PackedBatch, *, temperature: float = 1.0,
+                      return_entropy: bool = False):
     """Log-probs ``[B, T]`` float32 of the response tokens under ``model`` (a HF causal LM), 0 where padded; with
     ``return_entropy`` also the entropy ``[B, T]``. Differentiable in the model's parameters.
 
     Runs the decoder body (``model.model``), gathers the hidden states at response positions and applies the LM head
     with ``kernels.fused_linear_logprobs`` (logits divided by ``temperature``, the rollout's sampling temperature).
-    A model sharded with FSDP runs all of it inside its root's forward (``engine.distributed.call_in_root``)."""
+    ``batch`` may be packed (``engine.algorithms.packing.PackedBatch``: one row of ``N`` tokens, no padding): the
+    same ``[B, T]`` come back. A model sharded with FSDP runs all of it inside its root's forward
+    (``engine.distributed.call_in_root``)."""
     return call_in_root(model, _response_logprobs, batch, temperature, return_entropy)
 
 
-def _response_logprobs(model, batch: TokenBatch, temperature: float, return_entropy: bool):
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+def _response_logprobs(model, batch: TokenBatch | PackedBatch, temperature: float, return_entropy: bool):
     B, T = batch.labels.shape
-    H = hidden.shape[-1]
-    picked = hidden.gather(1, batch.response_index[..., None].expand(B, T, H)).reshape(B * T, H)
+    if isinstance(batch, PackedBatch):  # hidden [1, N, H]: the response states by their flat positions
+        picked = packed_hidden(model.model, batch)[0].index_select(0, batch.response_index.reshape(-1))
+    else:
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        H = hidden.shape[-1]
+        picked = hidden.gather(1, batch.response_index[..., None].expand(B, T, H)).reshape(B * T, H)
     head = model.get_output_embeddings()
     out = K.fused_linear_logprobs(picked, head.weight.to(picked.dtype), batch.labels.reshape(-1),
                                   bias=head.bias, temperature=temperature, return_entropy=return_entropy)

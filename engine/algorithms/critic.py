@@ -9,27 +9,34 @@ from __future__ import annotations
 import torch
 
 import kernels as K
-from engine.algorithms.accumulation import StepResult, accumulated_step, micro_slices
+from engine.algorithms.accumulation import StepResult, accumulated_step
 from engine.algorithms.batching import TokenBatch, check_like_mask
+from engine.algorithms.packing import PackedBatch, micro_batch, plan_micro_batches
 from engine.algorithms.policy import global_denominators
 from engine.models.value_model import token_values
 
 
-def critic_values(critic, batch: TokenBatch) -> torch.Tensor:
+def critic_values(critic, batch: TokenBatch | PackedBatch) -> torch.Tensor:
     """``[B, T]`` float32 values ``V(s_t)`` of each response token's state: ``token_values(critic, batch.input_ids,
     batch.attention_mask)`` (``engine.models.value_model``) gathered at ``batch.response_index``, times
-    ``response_mask``. Differentiable."""
+    ``response_mask``. Differentiable. A packed batch (``engine.algorithms.packing``) gives the same ``[B, T]``,
+    gathered from the values ``[1, N]`` of its flat row."""
+    if isinstance(batch, PackedBatch):
+        return token_values(critic, batch)[0][batch.response_index] * batch.response_mask
     values = token_values(critic, batch.input_ids, batch.attention_mask)
     return values.gather(1, batch.response_index) * batch.response_mask
 
 
 def critic_update(critic, optimizer, batch: TokenBatch, old_values: torch.Tensor, returns: torch.Tensor, *,
                   cliprange_value: float | None, loss_agg_mode: str, micro_batch_size: int, max_grad_norm: float,
-                  autocast_dtype: torch.dtype | None = None, loss_scale_factor: float | None = None) -> StepResult:
+                  autocast_dtype: torch.dtype | None = None, loss_scale_factor: float | None = None,
+                  max_tokens_per_micro_batch: int | None = None) -> StepResult:
     """One optimizer step of ``kernels.value_loss`` over ``batch``, accumulated over micro-batches of
-    ``micro_batch_size`` rows, each normalised by the whole batch's ``global_denominators`` (``loss_scale_factor``
-    None -> the batch's ``T``), so the summed gradient equals the full-batch gradient. A non-finite loss or gradient
-    norm skips the step (``stepped=False``, ``engine.algorithms.accumulation.clip_and_step``).
+    ``micro_batch_size`` rows (with ``max_tokens_per_micro_batch``: packed micro-batches of at most that many tokens,
+    ``engine.algorithms.packing``), each normalised by the whole batch's ``global_denominators``
+    (``loss_scale_factor`` None -> the batch's ``T``), so the summed gradient equals the full-batch gradient. A
+    non-finite loss or gradient norm skips the step (``stepped=False``,
+    ``engine.algorithms.accumulation.clip_and_step``).
 
     ``old_values``, ``returns``: ``[B, T]`` (the rollout critic's values and the GAE returns; no gradient); a wrong
     shape raises ``ValueError`` naming the argument. Metrics: ``critic/vf_loss``, ``critic/vf_clipfrac``,
@@ -40,14 +47,15 @@ def critic_update(critic, optimizer, batch: TokenBatch, old_values: torch.Tensor
     n_tok = denominators["global_num_tokens"]
 
     def micro_loss(rows: slice):
-        mb = batch.rows(rows)
+        mb = micro_batch(batch, rows, max_tokens_per_micro_batch)
         values = critic_values(critic, mb)
         loss, metrics = K.value_loss(values, old_values[rows], returns[rows], mb.response_mask,
                                      cliprange_value=cliprange_value, loss_agg_mode=loss_agg_mode, **denominators)
         share = mb.num_tokens / n_tok  # the metrics are token means: weight each micro-batch by its tokens
         return loss, {name: value.item() * share for name, value in metrics.items()}
 
-    result = accumulated_step(critic, optimizer, micro_slices(batch.labels.shape[0], micro_batch_size), micro_loss,
+    micro_batches = plan_micro_batches(batch, micro_batch_size, max_tokens_per_micro_batch)
+    result = accumulated_step(critic, optimizer, micro_batches, micro_loss,
                               max_grad_norm=max_grad_norm, device_type=batch.input_ids.device.type,
                               autocast_dtype=autocast_dtype)
     m = result.metrics

@@ -11,28 +11,16 @@ from __future__ import annotations
 import torch
 
 import kernels as K
-from engine.algorithms.accumulation import StepResult, accumulated_step, micro_slices
+from engine.algorithms.accumulation import StepResult, accumulated_step
 from engine.algorithms.batching import TokenBatch, response_logprobs
-from engine.algorithms.rollout_corr import RolloutCorrMetrics
+from engine.algorithms.packing import micro_batch, plan_micro_batches
+from engine.algorithms.rollout_corr import RolloutCorrection, RolloutCorrMetrics
 from engine.distributed.context import all_reduce_max, all_reduce_sum
 from kernels.loss_agg import agg_loss_ref
 
 # kernels.grpo_loss's metric names -> the engine's (TRL's) where they differ
 _POLICY_METRICS = {"pg_clipfrac": "clip_ratio/region_mean"}
 _CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-
-
-def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, level: str,
-                       cap: float) -> torch.Tensor:
-    """Truncated importance weights ``min(pi_old / pi_rollout, cap)`` per token (``level="token"``) or per sequence
-    (geometric mean over the response, ``"sequence"``): the TIS correction of TRL/veRL for a rollout engine whose
-    log-probs differ from the trainer's. Returns ``[B, T]`` or ``[B]``, no gradient."""
-    # where, not * mask: a NaN/-inf log-prob on a padded token must not reach the weights of the real ones
-    log_ratio = torch.where(mask.bool(), (old_logprobs - rollout_logprobs).detach(), 0.0)
-    if level == "token":
-        return log_ratio.exp().clamp(max=cap)
-    per_seq = log_ratio.sum(-1) / mask.sum(-1).clamp_min(1)
-    return per_seq.exp().clamp(max=cap)
 
 
 def global_denominators(batch: TokenBatch, loss_scale_factor: float | None = None) -> dict[str, float]:
@@ -50,11 +38,17 @@ def global_denominators(batch: TokenBatch, loss_scale_factor: float | None = Non
             "loss_scale_factor": loss_scale_factor if loss_scale_factor is not None else max(int(longest), 1)}
 
 
-def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tensor | None, advantages: torch.Tensor, *,
                   ref_logprobs: torch.Tensor | None, cfg, temperature: float, max_grad_norm: float,
                   rollout_logprobs: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
                   loss_scale_factor: float | None = None, measure_rollout_corr: bool = False) -> StepResult:
-    """One optimizer step of the clipped policy loss (``kernels.grpo_loss``, PPO's surrogate) on ``batch`` (``B`` samples), accumulated over micro-batches.
+    """One optimizer step of the policy loss (``kernels.grpo_loss``: PPO's clipped surrogate, GSPO or CISPO, by
+    ``cfg.policy_loss``) on ``batch`` (``B`` samples), accumulated over micro-batches.
+
+    ``old_logprobs`` ``[B, T]``: the log-probs of the policy that sampled the batch, or None when this update runs
+    exactly those weights (the first pass after the rollout): each micro-batch then uses its own detached log-probs
+    (the ratio is exactly 1, as TRL does with one iteration), which saves a forward over the batch.
+    ``advantages``: ``[B]`` per sequence or ``[B, T]`` per token.
 
     The loss of each micro-batch is normalised by the whole batch's counts (``global_denominators``: response tokens,
     rows with at least one response token), so the summed gradient equals the full-batch gradient
@@ -71,29 +65,34 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
     after a rollout), so its detached log-probs are the trainer's log-probs of the sampled tokens: compare them with
     ``rollout_logprobs`` (required then) and add the ``rollout_corr/*`` metrics (``engine.algorithms.rollout_corr``)
     at no extra forward.
+
+    Rollout correction (``cfg.rollout_is``, with ``rollout_logprobs``): per micro-batch, importance weights of the
+    old log-probs over the generator's (``RolloutCorrection``: token or sequence level, truncated or masking)
+    multiply the token losses; their ``rollout_corr/is_weight_*`` statistics are added when
+    ``measure_rollout_corr``.
     """
     if measure_rollout_corr and rollout_logprobs is None:
         raise ValueError("measure_rollout_corr=True needs the generator's rollout_logprobs")
     corr = RolloutCorrMetrics() if measure_rollout_corr else None
-    isw = None
-    if cfg.rollout_is and rollout_logprobs is not None:
-        isw = rollout_is_weights(old_logprobs, rollout_logprobs, batch.response_mask.float(), cfg.rollout_is,
-                                 cfg.rollout_is_cap)
+    correction = RolloutCorrection.from_config(cfg) if rollout_logprobs is not None else None
+    policy_loss = getattr(cfg, "policy_loss", "vanilla")
     denominators = global_denominators(batch, loss_scale_factor)
     n_tok = denominators["global_num_tokens"]
     entropy_coef = getattr(cfg, "entropy_coef", 0.0)
     pick = lambda t, rows: None if t is None else t[rows]
 
     def micro_loss(rows: slice):
-        mb = batch.rows(rows)
+        mb = micro_batch(batch, rows, getattr(cfg, "max_tokens_per_micro_batch", None))  # packed when set
         logprobs, entropy = response_logprobs(policy, mb, temperature=temperature, return_entropy=True)
         if corr is not None:
             corr.add(logprobs, rollout_logprobs[rows], mb.response_mask)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+        isw = None if correction is None else correction.weights(old, rollout_logprobs[rows], mb.response_mask)
         loss, metrics = K.grpo_loss(
-            logprobs, old_logprobs[rows], advantages[rows], mb.response_mask,
+            logprobs, old, advantages[rows], mb.response_mask, policy_loss=policy_loss,
             clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, loss_agg_mode=cfg.loss_agg_mode,
             ref_logprobs=pick(ref_logprobs, rows), kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-            rollout_is_weights=pick(isw, rows), **denominators,
+            rollout_is_weights=isw, **denominators,
         )
         if entropy_coef:  # entropy bonus (veRL entropy_coeff), aggregated like the policy loss
             loss = loss - entropy_coef * agg_loss_ref(entropy, mb.response_mask, cfg.loss_agg_mode, **denominators)
@@ -103,7 +102,9 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
         shares["entropy"] = float(torch.where(mb.response_mask.bool(), entropy.detach(), 0.0).sum()) / n_tok
         return loss, shares
 
-    result = accumulated_step(policy, optimizer, micro_slices(batch.labels.shape[0], cfg.micro_batch_size),
+    result = accumulated_step(policy, optimizer,
+                              plan_micro_batches(batch, cfg.micro_batch_size,
+                                                 getattr(cfg, "max_tokens_per_micro_batch", None)),
                               micro_loss, max_grad_norm=max_grad_norm, device_type=batch.input_ids.device.type,
                               autocast_dtype=autocast_dtype)
     nan = float("nan")
@@ -111,5 +112,6 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
     result.metrics = {"loss": m["loss"], "pg_loss": m.get("pg_loss", nan), "kl": m.get("kl", nan),
                       "entropy": m.get("entropy", nan), **{name: m.get(name, nan) for name in _CLIP_METRICS},
                       "ppo_kl": m.get("ppo_kl", nan), "grad_norm": m["grad_norm"],
-                      **(corr.metrics() if corr is not None else {})}
+                      **(corr.metrics() if corr is not None else {}),
+                      **(correction.metrics() if correction is not None and corr is not None else {})}
     return result

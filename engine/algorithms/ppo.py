@@ -1,7 +1,7 @@
 """PPO with a critic, the InstructGPT recipe (Ouyang et al. 2022; Ziegler et al. 2019; Schulman et al. 2017).
 
 One iteration: the rollout's sequence scores become token-level rewards with the KL to the reference subtracted on
-every response token (``token_level_rewards``, veRL ``use_kl_in_reward`` / OpenRLHF ``compute_reward``), the critic
+every response token (``returns.token_level_rewards``, veRL ``use_kl_in_reward`` / OpenRLHF ``compute_reward``), the critic
 scores every response state (``engine.algorithms.critic``), GAE turns both into advantages and returns
 (``gae_advantages``), and ``ppo_epochs`` runs a few passes of clipped actor steps (``engine.algorithms.policy``, with
 token-level advantages) and clipped value steps (``critic_update``) over shuffled mini-batches. The KL coefficient may adapt between iterations
@@ -17,7 +17,7 @@ from engine.algorithms.accumulation import StepResult
 from engine.algorithms.batching import TokenBatch, check_like_mask
 from engine.algorithms.critic import critic_update
 from engine.algorithms.policy import policy_update
-from engine.distributed.context import all_reduce_sum, current
+from engine.algorithms.returns import whiten as whiten_batch
 
 
 class FixedKLController:
@@ -68,44 +68,6 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-def token_level_rewards(scores: torch.Tensor, response_mask: torch.Tensor, *, logprobs: torch.Tensor | None = None,
-                        ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1"
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_rewards [B, T] float32, kl [B, T] float32): rewards = -kl_coef * kernels.kl_penalty(logprobs,
-    ref_logprobs, kl_estimator) on response tokens (0 elsewhere), plus scores[b] added at row b's LAST response token
-    (the last True of response_mask[b]; rows with an empty response get nothing). kl is 0 when ref_logprobs is None
-    or kl_coef == 0 (then logprobs may be None). InstructGPT's KL-in-reward (veRL use_kl_in_reward, OpenRLHF
-    compute_reward). Raises ValueError for shape mismatches, naming the argument.
-
-    scores ``[B]``; response_mask ``[B, T]`` bool or {0, 1}; logprobs / ref_logprobs ``[B, T]`` (rollout policy and
-    reference log-probs of the sampled tokens). Outputs carry no gradient."""
-    if not isinstance(response_mask, torch.Tensor) or response_mask.dim() != 2:
-        raise ValueError(f"response_mask must be a [B, T] tensor, got "
-                         f"{tuple(response_mask.shape) if isinstance(response_mask, torch.Tensor) else response_mask!r}")
-    B, T = response_mask.shape
-    if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
-        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"scores must have shape ({B},) (one per row of response_mask), got {got}")
-    if not kl_coef >= 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    mask = response_mask.bool()
-    rewards = torch.zeros((B, T), dtype=torch.float32, device=mask.device)
-    kl = torch.zeros((B, T), dtype=torch.float32, device=mask.device)
-    if ref_logprobs is not None and kl_coef > 0:
-        check_like_mask("ref_logprobs", ref_logprobs, mask.shape)
-        if logprobs is None:
-            raise ValueError("logprobs is required when ref_logprobs is given and kl_coef > 0")
-        check_like_mask("logprobs", logprobs, mask.shape)
-        # where, not * mask: a NaN/inf log-prob on a padded token must not become a NaN reward there
-        kl = torch.where(mask, K.kl_penalty(logprobs.detach(), ref_logprobs.detach(), kl_estimator).float(), 0.0)
-        rewards = -kl_coef * kl
-    if T:
-        last = T - 1 - mask.flip(-1).to(torch.int8).argmax(-1)  # the last True of each row
-        score = scores.detach().float().to(mask.device) * mask.any(-1)
-        rewards = rewards.scatter_add(1, last[:, None], score[:, None])
-    return rewards, kl
-
-
 def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, *,
                    gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] float32: kernels.gae(token_rewards, values, response_mask, gamma, lam), then, when
@@ -114,25 +76,12 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_m
 
     Whitening needs at least two response tokens in the batch (``ValueError`` from ``kernels.masked_whiten``) and
     reads the mask count back to the host once. Under ``torchrun`` the mean and variance are those of every rank's
-    tokens (``_whiten_global``), as one process on the whole batch."""
+    tokens (``engine.algorithms.returns.whiten``), as one process on the whole batch."""
     adv, ret = K.gae(token_rewards, values.detach(), response_mask, gamma=gamma, lam=lam)
     if whiten:
-        adv = K.masked_whiten(adv, response_mask) if not current().enabled else _whiten_global(adv, response_mask)
+        adv = whiten_batch(adv, response_mask)
     m = response_mask.bool()
     return torch.where(m, adv.float(), 0.0), torch.where(m, ret.float(), 0.0)
-
-
-def _whiten_global(values: torch.Tensor, mask: torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
-    """``kernels.masked_whiten`` with the statistics of the masked entries of every rank (two all-reduces: the mean,
-    then the Bessel-corrected variance). Raises ``ValueError`` for fewer than two entries in all."""
-    m, v = mask.bool(), values.float()
-    first = all_reduce_sum({"n": m.sum().item(), "sum": torch.where(m, v, 0.0).double().sum().item()})
-    n = first["n"]
-    if n < 2:
-        raise ValueError(f"whitening needs at least 2 masked entries over all ranks, got {int(n)}")
-    mean = first["sum"] / n
-    var = all_reduce_sum({"sq": torch.where(m, (v.double() - mean).square(), 0.0).sum().item()})["sq"] / (n - 1)
-    return ((v.double() - mean) / (var + epsilon) ** 0.5).float()
 
 
 # the actor's metrics averaged over the mini-batch steps (policy_update's names); NaN while the critic warms up
@@ -150,8 +99,9 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
     """``cfg.ppo_epochs`` passes over the rollout batch, each shuffling the rows (with ``generator``, so runs are
     reproducible) into mini-batches of ``cfg.mini_batch_size`` rows; per mini-batch one actor step
     (``engine.algorithms.policy.policy_update`` on the mini-batch's rows with token-level advantages ``[b, T]``;
-    ``cfg`` provides ``micro_batch_size``, ``clip_ratio_low/high``, ``loss_agg_mode``, ``kl_coef`` (the KL as a loss
-    term; 0 when it is in the reward), ``kl_estimator``, ``rollout_is``, ``rollout_is_cap``) and one critic step
+    ``cfg`` provides ``micro_batch_size`` (or ``max_tokens_per_micro_batch``: packed micro-batches, both steps),
+    ``clip_ratio_low/high``, ``loss_agg_mode``, ``kl_coef`` (the KL as a loss term; 0 when it is in the reward),
+    ``kl_estimator``, ``rollout_is``, ``rollout_is_cap``) and one critic step
     (``engine.algorithms.critic.critic_update`` with ``cfg.cliprange_value``). A skipped step (non-finite) ends the
     epochs once both steps of its mini-batch were attempted.
 
@@ -201,7 +151,8 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
             crit = critic_update(critic, critic_optimizer, mb, old_values[idx], returns[idx],
                                  cliprange_value=cfg.cliprange_value, loss_agg_mode=cfg.loss_agg_mode,
                                  micro_batch_size=cfg.micro_batch_size, max_grad_norm=max_grad_norm,
-                                 autocast_dtype=autocast_dtype, loss_scale_factor=loss_scale_factor)
+                                 autocast_dtype=autocast_dtype, loss_scale_factor=loss_scale_factor,
+                                 max_tokens_per_micro_batch=getattr(cfg, "max_tokens_per_micro_batch", None))
             history.append({**{name: actor.metrics[name] for name in _ACTOR_METRICS}, **crit.metrics,
                             "ppo/actor_stepped": float(actor.stepped), "ppo/critic_stepped": float(crit.stepped)})
             skipped = not (actor.stepped and crit.stepped)

@@ -4,16 +4,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.algorithms.grpo import ADV_ESTIMATORS
+from engine.algorithms.rollout_corr import ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from engine.config.base import ConfigError, Int, Section, Text
 from kernels.dpo_loss import DPO_LOSS_TYPES
 from kernels.kl import KL_ESTIMATORS
 from kernels.loss_agg import LOSS_AGG_MODES
-
-ROLLOUT_IS_LEVELS = ("token", "sequence")
+from kernels.ppo_loss import POLICY_LOSSES
 
 
 class PolicyLossConfig(Section):
@@ -29,6 +30,11 @@ class PolicyLossConfig(Section):
     """PPO clip: the policy ratio is clipped below at ``1 - clip_ratio_low``; in [0, 1]."""
     clip_ratio_high: float = Field(0.2, ge=0)
     """PPO clip: the policy ratio is clipped above at ``1 + clip_ratio_high`` (DAPO's clip-higher uses 0.28); >= 0."""
+    policy_loss: Literal[POLICY_LOSSES] = "vanilla"
+    """The policy loss (veRL's ``loss_mode``; ``kernels.ppo_loss``): vanilla (PPO's clipped token ratio), gspo
+    (GSPO, Zheng et al. 2025: one clipped ratio per sequence, the geometric mean of its token ratios; the paper clips
+    at ``clip_ratio_low/high`` ~3e-4/4e-4 and forces ``loss_agg_mode: seq-mean-token-mean``) or cispo (CISPO,
+    MiniMax-M1 2025: the clipped ratio, detached, weighs the log-prob gradient of every token)."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the reference (initial) policy in the loss; 0 needs no reference model."""
     kl_estimator: Literal[KL_ESTIMATORS] = "k3"
@@ -52,15 +58,45 @@ class PolicyLossConfig(Section):
     reward_weights: list[float] | None = None
     """One weight per entry of ``rewards``; null weighs them all 1."""
     rollout_is: Literal[ROLLOUT_IS_LEVELS] | None = None
-    """Truncated importance sampling correcting the generator/trainer log-prob gap: token, sequence, or null (off)."""
+    """Rollout correction (veRL ``rollout_corr``): importance weights ``pi_trainer / pi_rollout`` of the sampled
+    tokens, correcting the generator/trainer log-prob gap, per token or per sequence (the geometric mean of its token
+    ratios); null is off. ``rollout_is_mode`` says what the weights do."""
+    rollout_is_mode: Literal[ROLLOUT_IS_MODES] = "truncate"
+    """truncate: the loss of a token is multiplied by ``min(w, rollout_is_cap)`` (TIS; slime, NeMo ``tis``). mask:
+    tokens (or whole sequences) whose weight is outside ``[rollout_is_low, rollout_is_cap]`` are dropped from the
+    loss and its token/sequence counts, the others weigh 1 (veRL rejection sampling, NeMo ``icepop``/
+    ``seq-mask-tis``, slime OPSM)."""
     rollout_is_cap: float = Field(2.0, gt=0)
-    """Upper bound of the rollout importance weights (> 0)."""
+    """Upper bound of the rollout importance weights (> 0): the truncation cap, or the mask's upper bound."""
+    rollout_is_low: float = Field(0.5, ge=0)
+    """Lower bound of the weights kept by ``rollout_is_mode: mask`` (>= 0, below ``rollout_is_cap``)."""
+    max_tokens_per_micro_batch: Int | None = Field(None, ge=1)
+    """Packed, token-budget updates (veRL ``ppo_max_token_len_per_gpu``, slime ``--max-tokens-per-gpu``): each
+    forward/backward pass packs whole sequences, without padding, up to this many prompt + response tokens (a longer
+    sequence goes alone), balanced so long and short ones mix; ``micro_batch_size`` is then unused. Null: fixed
+    ``micro_batch_size`` rows, right-padded."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gspo_aggregates_per_sequence(cls, data: Any) -> Any:
+        """GSPO's loss is a mean over sequences of their token means: veRL forces ``seq-mean-token-mean``; so do we,
+        and an explicit other mode is an error."""
+        if not isinstance(data, dict) or data.get("policy_loss") != "gspo":
+            return data
+        given = data.get("loss_agg_mode", "seq-mean-token-mean")
+        if given != "seq-mean-token-mean":
+            raise ConfigError("loss_agg_mode", f"must be seq-mean-token-mean with policy_loss: gspo (a sequence-level "
+                              f"ratio), got {given}")
+        return {**data, "loss_agg_mode": "seq-mean-token-mean"}
 
     @model_validator(mode="after")
-    def _one_weight_per_reward(self) -> PolicyLossConfig:
+    def _consistent(self) -> PolicyLossConfig:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ConfigError("reward_weights", f"must have one weight per reward ({len(self.rewards)}: "
                               f"{self.rewards}), got {len(self.reward_weights)}: {self.reward_weights}")
+        if self.rollout_is_mode == "mask" and not self.rollout_is_low < self.rollout_is_cap:
+            raise ConfigError("rollout_is_low", f"must be below rollout_is_cap ({self.rollout_is_cap}) with "
+                              f"rollout_is_mode: mask, got {self.rollout_is_low}")
         return self
 
 
@@ -82,6 +118,28 @@ class GRPOConfig(PolicyLossConfig):
     """Group std with Bessel's correction (n - 1), as TRL and veRL compute it."""
     epsilon: float = Field(1e-6, gt=0)
     """Added to the group std before dividing (> 0)."""
+    adv_estimator: Literal[ADV_ESTIMATORS] = "grpo"
+    """Advantage estimator (veRL's ``adv_estimator``): grpo (group-normalised scores), rloo (leave-one-out group
+    baseline, Ahmadian et al. 2024) or reinforce_plus_plus (REINFORCE++, Hu 2025: token rewards = the score at the
+    last token minus ``kl_coef`` times the per-token KL to the reference, discounted returns with ``gamma``, whitened
+    over the whole batch; the KL is then in the reward, not in the loss)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the REINFORCE++ returns, in [0, 1]; unused by grpo and rloo."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): groups whose rewards all agree (zero std: no advantage) are dropped
+    and new prompts sampled until the step has ``prompts_per_step`` informative groups, or ``max_num_gen_batches``
+    rollouts were made (then the step trains on what it has and says so in ``dynamic_sampling/*``)."""
+    max_num_gen_batches: Int = Field(10, ge=1)
+    """Most rollouts (of ``prompts_per_step`` prompts each) per step with ``dynamic_sampling`` (veRL's name)."""
+    overlong_buffer_len: Int = Field(0, ge=0)
+    """DAPO's soft overlong punishment: a completion longer than ``generation.max_tokens - overlong_buffer_len``
+    tokens loses ``overlong_penalty_factor`` times the fraction of this buffer it used (up to the whole factor at
+    ``max_tokens``); 0 is off."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """The largest overlong punishment, reached at ``generation.max_tokens``."""
+    overlong_filtering: bool = False
+    """DAPO's overlong filtering: completions cut at ``generation.max_tokens`` (no EOS) are masked out of the loss
+    (TRL's ``mask_truncated_completions``); they still count in the group statistics of their prompt."""
 
 
 class PPOConfig(PolicyLossConfig):
@@ -177,6 +235,9 @@ class SFTConfig(Section):
     max_steps: Int | None = Field(None, ge=1)
     """Stop after this many optimizer steps even if ``epochs`` are not done; null: ``epochs`` alone decide.
     (``trainer.max_steps`` is the GRPO budget; SFT runs use this field.)"""
+    max_tokens_per_micro_batch: Int | None = Field(None, ge=1)
+    """Packed, token-budget passes: each forward/backward packs whole examples, without padding, up to this many
+    tokens (a longer one goes alone), balanced; ``micro_batch_size`` is then unused. Null: fixed rows, padded."""
 
 
 class PairTrainingConfig(Section):

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from engine.config.algorithms import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, SFTConfig
-from engine.config.base import Section
+from engine.config.base import ConfigError, Section
 from engine.config.sections import (
     DataConfig,
     DistributedConfig,
@@ -53,6 +53,14 @@ class GRPORunConfig(RunConfig):
     """Rollout sampling."""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """The algorithm."""
+
+    @model_validator(mode="after")
+    def _buffer_inside_max_tokens(self) -> GRPORunConfig:
+        if self.grpo.overlong_buffer_len >= self.generation.max_tokens:
+            raise ConfigError("grpo.overlong_buffer_len", f"must be below generation.max_tokens "
+                              f"({self.generation.max_tokens}): the punishment starts that many tokens before it, "
+                              f"got {self.grpo.overlong_buffer_len}")
+        return self
 
 
 class SFTRunConfig(RunConfig):

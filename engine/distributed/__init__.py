@@ -5,6 +5,7 @@
 from engine.distributed.context import (
     DistContext,
     all_reduce_max,
+    all_reduce_min,
     all_reduce_sum,
     any_rank,
     barrier,
@@ -15,5 +16,5 @@ from engine.distributed.context import (
 )
 from engine.distributed.fsdp import call_in_root, is_sharded, shard_model, unsharded
 
-__all__ = ["DistContext", "all_reduce_max", "all_reduce_sum", "any_rank", "barrier", "broadcast_object",
+__all__ = ["DistContext", "all_reduce_max", "all_reduce_min", "all_reduce_sum", "any_rank", "barrier", "broadcast_object",
            "call_in_root", "current", "gather_lists", "init_distributed", "is_sharded", "shard_model", "unsharded"]

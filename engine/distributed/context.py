@@ -85,6 +85,11 @@ def all_reduce_max(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_min(values: dict[str, float]) -> dict[str, float]:
+    """``values`` minimised over the ranks (``all_reduce_max`` of the negated values; the same keys on every rank)."""
+    return {k: -v for k, v in all_reduce_max({k: -float(v) for k, v in values.items()}).items()}
+
+
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is True on any rank (a MAX all-reduce): one rank's non-finite loss skips the step on all."""
     if not _initialised():

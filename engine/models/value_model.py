@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from engine.distributed.fsdp import call_in_root
 from engine.models.loading import resolve_checkpoint_dir, resolve_model_dir
+
+if TYPE_CHECKING:
+    from engine.algorithms.packing import PackedBatch
 
 
 def _score_head(model: PreTrainedModel) -> torch.nn.Module:
@@ -85,16 +89,25 @@ def load_value_model(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
     return model.to(device).eval()
 
 
-def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor | PackedBatch,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The score head at every position: ``[B, L]`` float32 (differentiable). ``input_ids``/``attention_mask``
     ``[B, L]`` int64, right-padded. The critic's ``V(s_t)`` for response token t is the value at the position that
-    predicts it (veRL's ``values[:, -T-1:-1]``; ``TokenBatch.response_index`` here)."""
+    predicts it (veRL's ``values[:, -T-1:-1]``; ``TokenBatch.response_index`` here).
+
+    A packed batch (``engine.algorithms.packing.PackedBatch``) in place of ``input_ids`` (no mask): ``[1, N]``, the
+    values along its flat row of ``N`` tokens, each sequence attending only to itself."""
     return call_in_root(model, _token_values, input_ids, attention_mask)
 
 
-def _token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _token_values(model, input_ids: torch.Tensor | PackedBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
     head = _score_head(model)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if isinstance(input_ids, torch.Tensor):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    else:  # a PackedBatch; imported here: engine.models does not import engine.algorithms at load
+        from engine.algorithms.packing import packed_hidden
+
+        hidden = packed_hidden(model.base_model, input_ids)
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 

@@ -22,6 +22,7 @@ from math import isnan  # (not "import math": the submodule engine.rewards.math 
 from typing import Any
 
 from engine.rewards.format import answer_tag_reward, format_reward
+from engine.rewards.length import overlong_penalty
 from engine.rewards.math import accuracy_reward, answers_match, extract_answer, normalize_number
 from engine.rewards.text import completion_text
 
@@ -35,8 +36,8 @@ REWARDS: dict[str, RewardFn] = {
 
 __all__ = [
     "REWARDS", "RewardFn", "accuracy_reward", "answer_tag_reward", "answers_match", "completion_text",
-    "compute_rewards", "extract_answer", "format_reward", "load_reward", "normalize_number", "reward_name",
-    "score_records",
+    "compute_rewards", "extract_answer", "format_reward", "load_reward", "normalize_number", "overlong_penalty",
+    "reward_name", "score_records",
 ]
 
 

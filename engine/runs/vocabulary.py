@@ -54,8 +54,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("clip_ratio/high_mean", "fraction clipped above 1 + clip_ratio_high (positive advantage)", "grpo, ppo",
            "clip_ratio/high_mean", ""),
     Metric("rollout_corr/<stat>", "generator vs trainer log-probs of the sampled tokens: logp_diff_mean|max, kl, "
-           "k3_kl, training_ppl, rollout_ppl, ppl_ratio", "grpo, ppo", "sampling/sampling_logp_difference/*",
-           "rollout_corr/*"),
+           "k3_kl, training_ppl, rollout_ppl, ppl_ratio; with grpo.rollout_is the weights' is_weight_mean|max and "
+           "truncated_frac or masked_frac", "grpo, ppo", "sampling/sampling_logp_difference/*", "rollout_corr/*"),
+    Metric("dynamic_sampling/num_gen_batches", "rollouts made this step to fill it with informative groups (DAPO)",
+           "grpo", "", "train/num_gen_batches"),
+    Metric("dynamic_sampling/kept_ratio", "fraction of the step's sampled groups whose rewards differ (kept)",
+           "grpo", "", ""),
+    Metric("dynamic_sampling/groups", "groups the step trained on (below grpo.prompts_per_step when the attempts ran "
+           "out)", "grpo", "", ""),
+    Metric("completions/overlong_masked_ratio", "fraction of completions cut at max_tokens and masked out of the "
+           "loss (grpo.overlong_filtering)", "grpo", "", ""),
     # PPO
     Metric("objective/kl", "mean per-sequence KL to the reference (k1 summed over the response), nats", "ppo",
            "objective/kl", "actor/reward_kl_penalty"),

@@ -4,6 +4,7 @@ rollout (rewards, lengths)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,18 @@ class Rollout:
                                    kv_cache_memory=g.kv_cache_memory_mb << 20 if g.kv_cache_memory_mb else None,
                                    enforce_eager=True if is_sharded(model) else None)
 
-    def sample(self, examples: list, step: int, first: int = 0) -> tuple[list, list]:
-        """``num_generations`` completions per prompt, prompt ``i`` seeded by ``(seed, step, first + i)`` (``first``:
-        the index of this rank's first prompt in the step's global list, so that the samples do not depend on how
-        many processes share the step); returns (examples repeated per sample, completions in the same order). The
-        model is in eval mode while sampling, its mode restored; a sharded model is gathered for it (every rank
-        must call this)."""
+    def sample(self, examples: list, step: int, first: int = 0, attempt: int = 0) -> tuple[list, list]:
+        """``num_generations`` completions per prompt, prompt ``i`` seeded by ``(seed, step, attempt, first + i)``
+        (``first``: the index of this rank's first prompt in the step's global list, so that the samples do not
+        depend on how many processes share the step; ``attempt``: the rollout's number within the step, for DAPO's
+        dynamic sampling); returns (examples repeated per sample, completions in the same order). The model is in
+        eval mode while sampling, its mode restored; a sharded model is gathered for it (every rank must call
+        this)."""
         g, n = self.generation, self.num_generations
         base = (self.seed * 1_000_003 + step) * 4096 + first
+        if attempt:  # a stream of its own, far from every step's first rollout
+            digest = hashlib.blake2b(f"{self.seed},{step},{attempt}".encode(), digest_size=5).digest()
+            base = (int.from_bytes(digest, "little") + (1 << 40)) * 4096 + first
         params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                  max_tokens=g.max_tokens, seed=base + i) for i in range(len(examples))]
         was_training = self.model.training
@@ -80,21 +85,25 @@ class Rollout:
         return out.to(batch.labels.device)
 
     @torch.no_grad()
-    def old_and_ref_logprobs(self, batch, rollout_lp: torch.Tensor, ref_model, autocast_dtype
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def old_and_ref_logprobs(self, batch, rollout_lp: torch.Tensor, ref_model, autocast_dtype, *,
+                             on_policy: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
-        them those of another distribution, then the trainer's; always recomputed with the trainer's forward when a
-        rollout-IS correction is asked for. Reference log-probs of ``ref_model`` (None -> None). Both ``[B, T]``
-        float32, 0 on padding."""
+        them those of another distribution, or a rollout correction compares them with the generator's: then the
+        trainer's. With ``on_policy`` (one update pass, which runs the rollout's weights) those are None instead: the
+        update takes each micro-batch's own detached log-probs, and no forward is spent here. Reference log-probs of
+        ``ref_model`` (None -> None). Both ``[B, T]`` float32, 0 on padding."""
         g = self.generation
         mask = batch.response_mask
         with mixed_precision(batch.input_ids.device.type, autocast_dtype):
             recompute = g.top_p < 1.0 or g.top_k > 0 or self.rollout_is is not None
-            old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
+            if recompute and on_policy:
+                old = None
+            else:
+                old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
             ref = None
             if ref_model is not None:
                 ref = response_logprobs(ref_model, batch, temperature=g.temperature).float() * mask
-        return old.float() * mask, ref
+        return (None if old is None else old.float() * mask), ref
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 import time
 
 from engine.algorithms import accumulated_step, make_batch, sft_loss
-from engine.algorithms.accumulation import micro_slices
+from engine.algorithms.packing import micro_batch, plan_micro_batches
 from engine.distributed import all_reduce_sum
 from engine.generation import Generator
 from engine.trainers.base import BaseTrainer, policy_and_prompts
@@ -50,8 +50,10 @@ class SFTTrainer(BaseTrainer):
                            self.tokenizer.pad_token_id or 0, self.device)
         # every micro-batch's loss is normalised by the step's token count (over every rank's rows)
         n_tok = max(int(all_reduce_sum({"tokens": batch.num_tokens})["tokens"]), 1)
-        result = accumulated_step(self.model, self.optimizer, micro_slices(len(examples), s.micro_batch_size),
-                                  lambda rows: (sft_loss(self.model, batch.rows(rows), num_tokens=n_tok), {}),
+        budget = s.max_tokens_per_micro_batch  # None: micro_batch_size rows, padded; else packed micro-batches
+        result = accumulated_step(self.model, self.optimizer, plan_micro_batches(batch, s.micro_batch_size, budget),
+                                  lambda rows: (sft_loss(self.model, micro_batch(batch, rows, budget),
+                                                         num_tokens=n_tok), {}),
                                   max_grad_norm=self.cfg.optim.max_grad_norm, device_type=self.device.type,
                                   autocast_dtype=self.autocast)
         metrics = {**result.metrics, "perf/tokens_per_sec": n_tok / max(time.perf_counter() - t0, 1e-9)}

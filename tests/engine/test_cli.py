@@ -85,6 +85,13 @@ def test_demo_with_tiny_budgets(tmp_path):
     assert main(["demo", "--output-dir", str(tmp_path), "--sft-max-steps", "2", "--grpo-steps", "1",
                  "--num-eval", "4"]) == 0
     assert find_latest_checkpoint(tmp_path / "sft") is not None and (tmp_path / "grpo" / "curves.png").is_file()
+    # GRPO variants from that SFT checkpoint, with config overrides: the recipe comparison of bench/demo_recipes.py
+    again = tmp_path / "from_checkpoint"
+    assert main(["demo", "--output-dir", str(again), "--sft-checkpoint", str(find_latest_checkpoint(tmp_path / "sft")),
+                 "--grpo-steps", "1", "--num-eval", "4", "--grpo-override", "grpo.policy_loss=cispo",
+                 "--grpo-override", "grpo.dynamic_sampling=true"]) == 0
+    assert not (again / "sft").exists()
+    assert "policy_loss: cispo" in next((again / "grpo").glob("config*.yaml")).read_text()
 
 
 def test_an_error_prints_one_line_and_exits_1(sft_run, capsys, monkeypatch):

@@ -1,8 +1,11 @@
 """The compiled CPU kernels of the loss side (``csrc/cpu/logprobs.cpp``, ``csrc/cpu/ppo_loss.cpp``) on what the
 backend-parametrised tests of ``test_logprobs.py`` / ``test_ppo_loss.py`` do not reach: leading dims read in place
 with any strides, vocabularies across the kernel's 2048-element blocks, single rows, -inf logits, strided / broadcast /
-mixed-dtype PPO inputs, token tiles of 256 with ragged tails, the ops' own argument errors, and the default CPU
-dispatch end to end. Every comparison is against the float64 reference on the same rounded inputs."""
+mixed-dtype PPO inputs, token tiles of 256 with ragged tails (gspo and cispo too), the ops' own argument errors, the
+stale-library guard of ``ppo_loss`` and the default CPU dispatch end to end. Every comparison is against the float64
+reference on the same rounded inputs."""
+
+import importlib
 
 import pytest
 import torch
@@ -228,6 +231,23 @@ def test_ppo_loss_tiles_and_modes(cpp, shape, mode):
                    loss_scale_factor=T + 3, **kw)
 
 
+@pytest.mark.parametrize("shape", [(1, 257), (3, 600)])
+@pytest.mark.parametrize("policy", ["gspo", "cispo"])
+def test_ppo_loss_policy_losses_across_tiles(cpp, shape, policy):
+    """gspo's per-row ratio and cispo's weights on rows of several 256-token tiles, with every option."""
+    B, T = shape
+    lp, old, ref, adv, mask = _ppo_inputs(B, T, seed=55)
+    old = old + torch.tensor([0.45, -0.6, 0.0])[:B, None]  # gspo: one row clipped low, one high, one inside
+    isw = adv.abs() + 0.5
+    for kw in ({"ref_logprobs": ref, "kl_coef": 0.1, "kl_estimator": "k3", "rollout_is_weights": isw},
+               {"clip_ratio_high": 0.28, "rollout_is_weights": isw[:, 0].clone()}):
+        if policy == "gspo":
+            kw["clip_ratio_c"] = 1.5
+        _check_ppo(lp, old, adv, mask, policy_loss=policy, **kw)
+        n_tok, n_seq = max(int(mask.sum()) + 5, 1), max(int(mask.any(-1).sum()) + 1, 1)
+        _check_ppo(lp, old, adv, mask, policy_loss=policy, global_num_tokens=n_tok, global_num_seqs=n_seq, **kw)
+
+
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_ppo_loss_strided_and_broadcast_inputs(cpp, dtype):
     B, T = 5, 300
@@ -244,26 +264,35 @@ def test_ppo_loss_strided_and_broadcast_inputs(cpp, dtype):
                                                                                        isw_tok)):
         _check_ppo(lp_strided, old_t, a, mask, clip_ratio_c=2.0, ref_logprobs=ref_t, kl_coef=0.2,
                    kl_estimator="k2", rollout_is_weights=w, loss_agg_mode="seq-mean-token-mean")
+    for policy in ("gspo", "cispo"):
+        _check_ppo(lp_strided, old_t, seq_adv, mask, ref_logprobs=ref_t, kl_coef=0.2, kl_estimator="k2",
+                   rollout_is_weights=isw_tok, policy_loss=policy)
 
 
 def test_ppo_loss_mixed_dtypes_and_number_masks(cpp):
     B, T = 4, 100
     lp, old, ref, adv, mask = _ppo_inputs(B, T, seed=70)
     lp16, adv16 = lp.bfloat16(), adv.half()
-    loss, metrics, grad = _check_ppo(lp16, old, adv16, mask, ref_logprobs=ref, kl_coef=0.05)
-    assert grad.dtype == torch.bfloat16
-    for m in (mask.float(), mask.long(), mask.to(torch.uint8)):
-        loss2, metrics2, grad2 = _check_ppo(lp16, old, adv16, m, ref_logprobs=ref, kl_coef=0.05)
-        assert torch.equal(loss2, loss) and torch.equal(grad2, grad)
+    for policy in ("vanilla", "gspo", "cispo"):
+        loss, metrics, grad = _check_ppo(lp16, old, adv16, mask, ref_logprobs=ref, kl_coef=0.05, policy_loss=policy)
+        assert grad.dtype == torch.bfloat16
+        for m in (mask.float(), mask.long(), mask.to(torch.uint8)):
+            loss2, metrics2, grad2 = _check_ppo(lp16, old, adv16, m, ref_logprobs=ref, kl_coef=0.05,
+                                                policy_loss=policy)
+            assert torch.equal(loss2, loss) and torch.equal(grad2, grad)
 
 
-@pytest.mark.parametrize("config", ["plain", "dual+k1+isw"])
+@pytest.mark.parametrize("config", ["plain", "dual+k1+isw", "gspo+dual+k1+isw", "cispo+k1+isw"])
 def test_ppo_loss_masked_non_finite_never_leaks_across_tiles(cpp, config):
     B, T = 4, 700
     lp, old, ref, adv, mask = _ppo_inputs(B, T, seed=80)
     mask[1, 250:520] = False  # a hole across a tile boundary
     kw = {} if config == "plain" else dict(clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.3, kl_estimator="k1",
                                            rollout_is_weights=adv.abs() + 0.5)
+    if config.startswith(("gspo", "cispo")):
+        kw["policy_loss"] = config.split("+")[0]
+        if config.startswith("cispo"):
+            del kw["clip_ratio_c"]
     clean = _check_ppo(lp, old, adv, mask, **kw)
 
     def poison(x, v):
@@ -311,6 +340,20 @@ def test_ppo_loss_op_argument_errors(cpp):
         call(kl_estimator="k5")
     with pytest.raises(ValueError, match="kl_coef=0.1 > 0 needs ref_logprobs, got None"):
         call(kl_coef=0.1)
+    seq = torch.zeros(2)
+    assert call(policy_loss=1, seq_log_ratio=seq)[1].shape == (2, 1, 9)
+    with pytest.raises(ValueError, match="policy_loss must be 0 .vanilla., 1 .gspo. or 2 .cispo., got 3"):
+        call(policy_loss=3)
+    with pytest.raises(ValueError, match="seq_log_ratio must be given for policy_loss=1 .gspo. and only then"):
+        call(policy_loss=1)
+    with pytest.raises(ValueError, match="seq_log_ratio must be given"):
+        call(policy_loss=0, seq_log_ratio=seq)
+    with pytest.raises(ValueError, match="cispo. has no dual clip: clip_ratio_c must be None, got 3"):
+        call(policy_loss=2, clip_ratio_c=3.0)
+    with pytest.raises(ValueError, match=r"seq_log_ratio must have shape \[2\]"):
+        call(policy_loss=1, seq_log_ratio=torch.zeros(3))
+    with pytest.raises(TypeError, match="seq_log_ratio must be Float, got Double"):
+        call(policy_loss=1, seq_log_ratio=seq.double())
     with pytest.raises(ValueError, match="loss_agg_mode must be one of .*got 'token-sum'"):
         cpp.loss_agg_rows(stats, 2, "token-sum", None, None, 3.0)
     with pytest.raises(ValueError, match=r"n_weighted must be in \[0, 9\)"):
@@ -350,6 +393,27 @@ def test_fused_linear_logprobs_through_the_compiled_kernel(cpp, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- default dispatch
+def test_ppo_loss_stale_compiled_op_is_never_called(monkeypatch):
+    """A library built from an older ppo_loss.cpp (no policy_loss argument) is detected from its schema: the default
+    CPU dispatch then runs the reference (one warning), a forced cpp backend raises."""
+    if not _extension.enabled():
+        pytest.skip("compiled extension disabled (RLHF_ENGINE_BUILD_EXT=0)")
+    PL = importlib.import_module("kernels.ppo_loss")  # the module (the package attribute is the function)
+
+    monkeypatch.setattr(PL, "_cpp_schema_ok", None)
+    assert PL._cpp_has_policy_loss()  # the library built from this checkout's source
+    monkeypatch.setattr(PL, "_cpp_schema_ok", False)
+    monkeypatch.setattr(_extension, "op", lambda name: pytest.fail(f"the stale op {name} was called"))
+    lp, old, _, adv, mask = _ppo_inputs(3, 10, seed=95)
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="stale build without the policy_loss argument"):
+        loss, _ = ppo_loss(lp, old, adv, mask, policy_loss="gspo")
+    assert torch.equal(loss, ppo_loss_ref(lp, old, adv, mask, policy_loss="gspo")[0])
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="RLHF_KERNELS_BACKEND=cpp but the compiled rlhf_engine::ppo_loss is"):
+        ppo_loss(lp, old, adv, mask)
+
+
 def test_default_cpu_dispatch_picks_the_compiled_kernels(monkeypatch):
     if not _extension.enabled():
         pytest.skip("compiled extension disabled (RLHF_ENGINE_BUILD_EXT=0)")

@@ -1,15 +1,16 @@
 """engine.algorithms.grpo: the loss denominators of one policy step (rows with at least one response token, the Dr.
-GRPO ``loss_scale_factor``), invariance to the micro-batch split and to fully masked rows, and NaN-free rollout IS
-weights (CPU, tiny model)."""
+GRPO ``loss_scale_factor``), invariance to the micro-batch split and to fully masked rows, the on-policy pass
+(``old_logprobs=None``), each policy loss and the rollout correction wired through (CPU, tiny model)."""
 
 import copy
+import math
 import types
 
 import pytest
 import torch
 
 from engine.algorithms.batching import make_batch, response_logprobs
-from engine.algorithms.policy import global_denominators, policy_update, rollout_is_weights
+from engine.algorithms.policy import global_denominators, policy_update
 from engine.models import tiny_model
 from kernels.loss_agg import LOSS_AGG_MODES
 
@@ -102,14 +103,44 @@ def test_policy_update_loss_scale_factor_is_the_dr_grpo_constant():
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_rollout_is_weights_ignore_padded_log_probs(level):
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.float32)
-    old = torch.tensor([[-1.0, -2.0, float("nan")], [float("nan")] * 3])
-    rollout = torch.tensor([[-1.5, -1.0, -float("inf")], [-float("inf")] * 3])
-    w = rollout_is_weights(old, rollout, mask, level, cap=2.0)
-    assert torch.isfinite(w).all()
-    if level == "token":
-        torch.testing.assert_close(w[0, :2], torch.tensor([0.5, -1.0]).exp().clamp(max=2.0))
-    else:
-        torch.testing.assert_close(w, torch.tensor([-0.25, 0.0]).exp())  # an empty row: weight 1
+@pytest.mark.parametrize("policy_loss", ["vanilla", "gspo", "cispo"])
+@pytest.mark.parametrize("rollout_is", [None, "token", "sequence"])
+def test_on_policy_pass_equals_old_logprobs_from_the_same_weights(policy_loss, rollout_is):
+    """``old_logprobs=None`` (the first pass after the rollout) uses each micro-batch's own detached log-probs: the
+    step equals the one given those log-probs computed beforehand, with no extra forward."""
+    policy, batch, _, ref, advantages = _rollout()
+    with torch.no_grad():
+        old = response_logprobs(policy, batch)
+    rollout = torch.where(batch.response_mask, old + 0.05, 0.0)  # the generator's, a little off
+    agg = "seq-mean-token-mean" if policy_loss == "gspo" else "token-mean"
+    cfg = _cfg(policy_loss=policy_loss, loss_agg_mode=agg, rollout_is=rollout_is, micro_batch_size=2)
+    kw = dict(cfg=cfg, rollout_logprobs=rollout, measure_rollout_corr=True)
+    given_metrics, given = _step(policy, batch, old, ref, advantages, **kw)
+    none_metrics, none = _step(policy, batch, None, ref, advantages, **kw)
+    for name, value in given_metrics.items():
+        assert none_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    for name, p in given.items():
+        torch.testing.assert_close(none[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    if rollout_is:  # the correction's weights exp(old - rollout) = exp(-0.05) < 1 are reported
+        assert given_metrics["rollout_corr/is_weight_mean"] == pytest.approx(math.exp(-0.05), rel=1e-5)
+        assert given_metrics["rollout_corr/truncated_frac"] == 0.0
+
+
+def test_the_policy_loss_and_the_correction_reach_the_gradient():
+    """gspo, cispo and a masking correction each change the step (they are not dropped on the way to the kernel)."""
+    policy, batch, old, ref, advantages = _rollout()
+    rollout = torch.where(batch.response_mask, old + torch.linspace(-0.5, 0.5, old.shape[1]), 0.0)
+    base_cfg = dict(rollout_logprobs=rollout, measure_rollout_corr=True)
+    steps = {
+        "vanilla": _step(policy, batch, old, ref, advantages, cfg=_cfg(), **base_cfg),
+        "gspo": _step(policy, batch, old, ref, advantages, cfg=_cfg(policy_loss="gspo",
+                                                                   loss_agg_mode="seq-mean-token-mean"), **base_cfg),
+        "cispo": _step(policy, batch, old, ref, advantages, cfg=_cfg(policy_loss="cispo"), **base_cfg),
+        "mask": _step(policy, batch, old, ref, advantages, cfg=_cfg(rollout_is="token", rollout_is_mode="mask",
+                                                                   rollout_is_low=0.8, rollout_is_cap=1.2),
+                      **base_cfg),
+    }
+    name = "model.layers.0.mlp.down_proj.weight"
+    for mode in ("gspo", "cispo", "mask"):
+        assert not torch.allclose(steps[mode][1][name], steps["vanilla"][1][name], rtol=0, atol=1e-7), mode
+    assert 0 < steps["mask"][0]["rollout_corr/masked_frac"] < 1

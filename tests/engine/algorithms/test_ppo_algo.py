@@ -11,13 +11,8 @@ import torch
 from engine.algorithms.batching import make_batch, response_logprobs
 from engine.algorithms.critic import critic_values
 from engine.algorithms.policy import policy_update
-from engine.algorithms.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    gae_advantages,
-    ppo_epochs,
-    token_level_rewards,
-)
+from engine.algorithms.ppo import AdaptiveKLController, FixedKLController, gae_advantages, ppo_epochs
+from engine.algorithms.returns import token_level_rewards
 from engine.models import tiny_model
 from engine.models.value_model import value_model_from_causal_lm
 

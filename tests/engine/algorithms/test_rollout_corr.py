@@ -1,15 +1,17 @@
 """``RolloutCorrMetrics``: the rollout/trainer mismatch metrics against a direct float64 computation, independent of
-the micro-batch split, blind to masked positions (NaN there changes nothing)."""
+the micro-batch split, blind to masked positions (NaN there changes nothing); ``RolloutCorrection``: its weights and
+metrics (token / sequence, truncate / mask) against a float64 transcription, bad settings named."""
 
 from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from engine.algorithms.rollout_corr import RolloutCorrMetrics
+from engine.algorithms.rollout_corr import RolloutCorrection, RolloutCorrMetrics
 
 
 def reference(lp, q, mask) -> dict[str, float]:
@@ -117,3 +119,76 @@ def test_ppo_logs_the_mismatch_of_its_first_actor_step(tmp_path):
     for r in read_metrics(tmp_path):
         assert 0 <= r["rollout_corr/logp_diff_mean"] <= r["rollout_corr/logp_diff_max"] < 1e-4
         assert r["rollout_corr/ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- the correction's weights
+def reference_weights(old, q, mask, level, mode, cap, low):
+    """A float64 transcription of the correction (engine.algorithms.rollout_corr docstring), row by row."""
+    out, raw_all = [], []
+    for o_row, q_row, m_row in zip(old.tolist(), q.tolist(), mask.tolist()):
+        d = [a - b for a, b, m in zip(o_row, q_row, m_row) if m]
+        if level == "token":
+            raw = [math.exp(a - b) if m else None for a, b, m in zip(o_row, q_row, m_row)]
+            raw_all += [w for w in raw if w is not None]
+            if mode == "truncate":
+                out.append([min(w, cap) if w is not None else 1.0 for w in raw])
+            else:
+                out.append([float(low <= w <= cap) if w is not None else 0.0 for w in raw])
+        else:
+            w = math.exp(sum(d) / len(d)) if d else 1.0
+            if d:
+                raw_all.append(w)
+            out.append(min(w, cap) if mode == "truncate" else float(low <= w <= cap))
+    dropped = [w > cap for w in raw_all] if mode == "truncate" else [not low <= w <= cap for w in raw_all]
+    return out, {"rollout_corr/is_weight_mean": sum(raw_all) / len(raw_all),
+                 "rollout_corr/is_weight_max": max(raw_all),
+                 ("rollout_corr/truncated_frac" if mode == "truncate" else "rollout_corr/masked_frac"):
+                     sum(dropped) / len(dropped)}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+@pytest.mark.parametrize("B,T", [(1, 1), (4, 5), (7, 3)])
+def test_correction_weights_match_float64_and_ignore_masked_positions(level, mode, B, T):
+    g = torch.Generator().manual_seed(B * 17 + T + len(level) + len(mode))
+    old = -torch.rand(B, T, generator=g) * 3
+    q = old + torch.randn(B, T, generator=g) * 0.6
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[0, 0] = True
+    if B > 1:
+        mask[-1] = False  # an empty row: weight 1 (sequence level), never counted
+    cap, low = 1.5, 0.7
+    want, want_metrics = reference_weights(old, q, mask, level, mode, cap, low)
+    poisoned_old, poisoned_q = old.masked_fill(~mask, float("nan")), q.masked_fill(~mask, -float("inf"))
+
+    corr = RolloutCorrection(level, mode, cap=cap, low=low)
+    got = torch.cat([corr.weights(poisoned_old[i:i + 2], poisoned_q[i:i + 2], mask[i:i + 2])
+                     for i in range(0, B, 2)])  # two micro-batches' worth at a time: the metrics add up
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert got.shape == ((B, T) if level == "token" else (B,))
+    if level == "token":
+        got = torch.where(mask, got, 1.0 if mode == "truncate" else 0.0)  # masked positions are the loss's to drop
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    metrics = corr.metrics()
+    assert metrics.keys() == want_metrics.keys()
+    for name, value in want_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(level="tok"), "rollout_is must be one of"),
+    (dict(level="token", mode="clip"), "rollout_is_mode must be one of"),
+    (dict(level="token", cap=0.0), "rollout_is_cap must be > 0"),
+    (dict(level="token", mode="mask", cap=1.0, low=1.0), "rollout_is_low must be in"),
+])
+def test_correction_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RolloutCorrection(**kwargs)
+
+
+def test_correction_from_config_is_none_when_off():
+    assert RolloutCorrection.from_config(SimpleNamespace(rollout_is=None)) is None
+    corr = RolloutCorrection.from_config(SimpleNamespace(rollout_is="sequence", rollout_is_mode="mask",
+                                                         rollout_is_cap=3.0, rollout_is_low=0.5))
+    assert (corr.level, corr.mode, corr.cap, corr.low) == ("sequence", "mask", 3.0, 0.5)
+    assert corr.metrics() == {}  # nothing computed yet

@@ -184,6 +184,14 @@ BAD_VALUES = [
     ("grpo.micro_batch_size=0", "grpo.micro_batch_size must be >= 1"),
     ("grpo.rollout_is=seq", "grpo.rollout_is must be 'token' or 'sequence', got 'seq'"),
     ("grpo.rollout_is_cap=0", "grpo.rollout_is_cap must be > 0, got 0"),
+    ("grpo.rollout_is_mode=clip", "grpo.rollout_is_mode must be 'truncate' or 'mask', got 'clip'"),
+    ("grpo.policy_loss=ppo", "grpo.policy_loss must be 'vanilla', 'gspo' or 'cispo', got 'ppo'"),
+    ("grpo.adv_estimator=gae", "grpo.adv_estimator must be 'grpo', 'rloo' or 'reinforce_plus_plus', got 'gae'"),
+    ("grpo.gamma=1.5", "grpo.gamma must be <= 1, got 1.5"),
+    ("grpo.max_num_gen_batches=0", "grpo.max_num_gen_batches must be >= 1, got 0"),
+    ("grpo.overlong_buffer_len=64", "grpo.overlong_buffer_len must be below generation.max_tokens (64)"),
+    ("grpo.overlong_penalty_factor=-1", "grpo.overlong_penalty_factor must be >= 0, got -1"),
+    ("grpo.max_tokens_per_micro_batch=0", "grpo.max_tokens_per_micro_batch must be >= 1, got 0"),
     ("grpo.rewards=[]", "grpo.rewards must have at least 1 element(s), got []"),
     ("grpo.rewards=[accuracy, '']", "grpo.rewards[1] must be a non-empty string"),
     ("grpo.reward_weights=[1.0]", "grpo.reward_weights must have one weight per reward (2"),
@@ -279,6 +287,19 @@ def test_valid_edge_values():
         "model.arch=qwen2", "grpo.loss_agg_mode=seq-mean-token-sum-norm", "grpo.kl_estimator=abs",
     ])
     assert cfg.grpo.clip_ratio_low == 1.0 and cfg.generation.temperature == 0.0
+
+
+def test_gspo_aggregates_per_sequence_and_masking_bounds_are_ordered():
+    """veRL forces seq-mean-token-mean for GSPO: so does the config, and an explicit other mode is an error; the
+    masking correction's bounds must be ordered."""
+    assert load_config(GRPORunConfig, None, ["grpo.policy_loss=gspo"]).grpo.loss_agg_mode == "seq-mean-token-mean"
+    cfg = load_config(GRPORunConfig, None, ["grpo.policy_loss=gspo", "grpo.loss_agg_mode=seq-mean-token-mean"])
+    assert cfg.grpo.policy_loss == "gspo"
+    assert load_config(GRPORunConfig, None, ["grpo.policy_loss=cispo"]).grpo.loss_agg_mode == "token-mean"
+    with pytest.raises(ValueError, match="grpo.loss_agg_mode must be seq-mean-token-mean with policy_loss: gspo"):
+        load_config(GRPORunConfig, None, ["grpo.policy_loss=gspo", "grpo.loss_agg_mode=token-mean"])
+    with pytest.raises(ValueError, match=r"grpo.rollout_is_low must be below rollout_is_cap \(2.0\)"):
+        load_config(GRPORunConfig, None, ["grpo.rollout_is_mode=mask", "grpo.rollout_is_low=2"])
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

@@ -15,6 +15,7 @@ from engine.rewards import (
     format_reward,
     load_reward,
     normalize_number,
+    overlong_penalty,
     reward_name,
 )
 
@@ -225,3 +226,24 @@ def test_compute_rewards_errors():
         compute_rewards([my_reward], None, ["q"], ["a", "b"])
     with pytest.raises(ValueError, match="column 'answer' has 1 values"):
         compute_rewards([my_reward], None, ["q", "q"], ["a", "b"], {"answer": ["1"]})
+
+
+# ------------------------------------------------------------------------------------- DAPO's overlong punishment
+@pytest.mark.parametrize("length, want", [
+    (0, 0.0), (11, 0.0), (12, 0.0),  # up to max_tokens - buffer_len = 12: no punishment
+    (13, -0.125), (14, -0.25), (15, -0.375), (16, -0.5),  # linear over the buffer of 4, down to -factor at 16
+    (40, -0.5),  # beyond max_tokens (not produced by the generator): the floor
+])
+def test_overlong_penalty_by_hand(length, want):
+    assert overlong_penalty([length], max_tokens=16, buffer_len=4, penalty_factor=0.5) == [pytest.approx(want)]
+
+
+def test_overlong_penalty_off_and_bad_arguments():
+    assert overlong_penalty([5, 16], max_tokens=16, buffer_len=0) == [0.0, 0.0]
+    for kwargs, message in ((dict(max_tokens=16, buffer_len=16), "buffer_len must be in"),
+                            (dict(max_tokens=0, buffer_len=0), "max_tokens must be >= 1"),
+                            (dict(max_tokens=16, buffer_len=4, penalty_factor=-1), "penalty_factor must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            overlong_penalty([1], **kwargs)
+    with pytest.raises(ValueError, match=r"lengths\[1\] must be >= 0"):
+        overlong_penalty([1, -2], max_tokens=16, buffer_len=4)

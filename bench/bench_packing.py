@@ -86,25 +86,30 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed steps per path (after one warm-up each)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check: bench/gpu_checks.sh, step packing)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k"),
+                   help="the GSM8K directory (../shared/data/gsm8k; copy it beside the checkout on a GPU box)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_cpu.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sft = load_config(SFTRunConfig, ROOT / "examples" / "gsm8k_sft.yaml",
-                      [f"data.train={ROOT.parent / 'shared' / 'data' / 'gsm8k'}"])
+                      [f"data.train={args.data}"])
     grpo = load_config(GRPORunConfig, ROOT / "examples" / "gsm8k_grpo.yaml")
     task = PromptTask.load(sft.data)
-    model, tokenizer = build_policy(sft.model, torch.device("cpu"), seed=args.seed, texts=task.texts())
+    device = torch.device(args.device)
+    model, tokenizer = build_policy(sft.model, device, seed=args.seed, texts=task.texts())
     model.train()
     train, _ = task.examples(tokenizer, sft.data)
     g = grpo.grpo
     prompts, responses = _rows(train, tokenizer, g.prompts_per_step, g.num_generations, grpo.generation.max_tokens,
                                torch.Generator().manual_seed(args.seed))
-    batch = make_batch(prompts, responses, tokenizer.pad_token_id or 0, "cpu")
+    batch = make_batch(prompts, responses, tokenizer.pad_token_id or 0, device)
     B, L = batch.input_ids.shape
     gen = torch.Generator().manual_seed(args.seed + 1)
-    old = torch.randn(batch.labels.shape, generator=gen) * 0.1 - 2.0
-    advantages = torch.randn(B, generator=gen)
+    old = (torch.randn(batch.labels.shape, generator=gen) * 0.1 - 2.0).to(device)
+    advantages = torch.randn(B, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = g.model_copy(update={"kl_coef": 0.0})
 
@@ -123,9 +128,11 @@ def main() -> None:
         for name, (budget, segments) in paths.items():
             packing.SEGMENT_ATTENTION = segments
             step_cfg = cfg.model_copy(update={"max_tokens_per_micro_batch": budget})
+            sync()
             t0 = time.perf_counter()
             result = policy_update(model, opt, batch, old, advantages, ref_logprobs=None, cfg=step_cfg,
                                    temperature=1.0, max_grad_norm=1.0)
+            sync()
             elapsed = time.perf_counter() - t0
             assert result.stepped
             if rep:

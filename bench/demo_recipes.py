@@ -25,6 +25,19 @@ VARIANTS = {
 }
 
 
+def eval_curve(run_dir: Path) -> dict:
+    """From a GRPO run's ``metrics.jsonl``: held-out accuracy by step and by seconds since the first record, the
+    steps taken, and the mean training reward of the first and last 10 steps."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    t0 = records[0]["time"]
+    evals = [{"step": r["step"], "seconds": round(r["time"] - t0, 1), "accuracy": r["eval/accuracy"]}
+             for r in records if "eval/accuracy" in r]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    return {"evals": evals, "steps": max(r["step"] for r in records),
+            "reward_first10": sum(rewards[:10]) / max(len(rewards[:10]), 1),
+            "reward_last10": sum(rewards[-10:]) / max(len(rewards[-10:]), 1)}
+
+
 def main() -> None:
     from engine.trainers.demo import cold_start_sft, demo_settings, run_demo
 
@@ -44,7 +57,8 @@ def main() -> None:
         for name in args.variants:
             result = run_demo(str(root / name), seed=seed, sft_checkpoint=str(checkpoint),
                               grpo_overrides=VARIANTS[name], grpo_budget_s=args.grpo_budget_s, grpo_steps=100000)
-            row = {"seed": seed, "variant": name, "overrides": VARIANTS[name], **result}
+            row = {"seed": seed, "variant": name, "overrides": VARIANTS[name], **result,
+                   **eval_curve(root / name / "grpo")}
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = {"device": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),

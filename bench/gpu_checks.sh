@@ -5,7 +5,7 @@
 # generation (static buffers + CUDA graphs vs eager, fused q/k/v + gate/up projections vs separate; batch 1; G = 16
 # with 1,024-token prompts, shared prefix on/off), decode host time, the fused draw (eager vs Triton vs CUDA C++),
 # end-to-end GRPO (with the rollout/trainer log-prob gap), FSDP2 sharding with bf16 mixed precision on one GPU,
-# and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
+# packed vs padded policy updates (GSM8K shapes), and classic-RLHF (sft/rm/ppo/dpo) benchmarks. Logs and
 # JSON go to $OUT (or ./gpu_out), packed at the end into $OUT/gpu_checks.tgz (the device tool brings back at most 8
 # files; PACK=0 leaves them loose); each step has its own time limit so that one slow step cannot starve the rest.
 #
@@ -17,11 +17,12 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Most owed first: the suite, then the generator's numbers; what does not fit BUDGET_S (seconds, the device tool's
 # 10-minute command limit less a margin) is skipped and named in the summary, never cut mid-step.
-STEPS=${STEPS:-"env compile ext pytest launches generate generate_b1 shared_prefix decode_host sampler e2e fsdp kernels rlhf"}
+STEPS=${STEPS:-"env compile ext pytest launches generate generate_b1 shared_prefix decode_host sampler e2e fsdp packing kernels rlhf"}
 BUDGET_S=${BUDGET_S:-500}
 # The HH data lives beside the checkout (../shared), which does not travel to the GPU box: copy it into an ignored
 # folder of the checkout and point HH_DATA at it there.
 HH_DATA=${HH_DATA:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}
+GSM8K_DATA=${GSM8K_DATA:-../shared/data/gsm8k}
 summary=()
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, remember its exit code
@@ -62,6 +63,8 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
         sampler) step sampler 60 python3 bench/bench_sampler.py --out "$OUT/sampler.json" ;;
         e2e) step e2e 60 python3 bench/bench_e2e.py --steps 3 --out "$OUT/e2e.json" ;;
         fsdp) step fsdp 60 python3 bench/fsdp_check.py --out "$OUT/fsdp.json" ;;  # FSDP2 + bf16 on one GPU (NCCL)
+        packing) step packing 60 python3 bench/bench_packing.py --device cuda --repeats 5 --data "$GSM8K_DATA" \
+                     --out "$OUT/packing.json" ;;  # issue 14: packed vs padded update time
         rlhf) step rlhf 300 python3 bench/bench_rlhf.py --data "$HH_DATA" --out "$OUT/rlhf.json" ;;
         *) echo "unknown step $s"; exit 2 ;;
     esac

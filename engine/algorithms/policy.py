@@ -114,4 +114,6 @@ def policy_update(policy, optimizer, batch: TokenBatch, old_logprobs: torch.Tens
                       "ppo_kl": m.get("ppo_kl", nan), "grad_norm": m["grad_norm"],
                       **(corr.metrics() if corr is not None else {}),
                       **(correction.metrics() if correction is not None and corr is not None else {})}
+    if ref_logprobs is None:  # no reference, no KL: the kernel's 0 would be a metric that is 0 by construction
+        del result.metrics["kl"]
     return result

@@ -153,7 +153,7 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
                                  micro_batch_size=cfg.micro_batch_size, max_grad_norm=max_grad_norm,
                                  autocast_dtype=autocast_dtype, loss_scale_factor=loss_scale_factor,
                                  max_tokens_per_micro_batch=getattr(cfg, "max_tokens_per_micro_batch", None))
-            history.append({**{name: actor.metrics[name] for name in _ACTOR_METRICS}, **crit.metrics,
+            history.append({**{name: actor.metrics.get(name, float("nan")) for name in _ACTOR_METRICS}, **crit.metrics,
                             "ppo/actor_stepped": float(actor.stepped), "ppo/critic_stepped": float(crit.stepped)})
             skipped = not (actor.stepped and crit.stepped)
             if skipped:
@@ -161,5 +161,7 @@ def ppo_epochs(policy, policy_optimizer, critic, critic_optimizer, batch: TokenB
     names = [*_ACTOR_METRICS, *_CRITIC_METRICS, "ppo/actor_stepped", "ppo/critic_stepped"]
     out = {name: sum(r[name] for r in history) / len(history) if history else float("nan") for name in names}
     out["ppo/updates"] = float(len(history))
+    if ref_logprobs is None:  # no reference: no KL term to report
+        del out["kl"]
     out.update(corr)
     return out

@@ -131,8 +131,9 @@ class GRPOTrainer(BaseTrainer):
             filtered = {"completions/overlong_masked_ratio": counts["n"] / max(counts["of"], 1.0)}
         rollout_lp = self.rollout.rollout_logprobs(completions, batch)
         on_policy = c.ppo_epochs == 1 and not (c.adv_estimator == "reinforce_plus_plus" and c.kl_coef > 0)
-        old_lp, ref_lp = self.rollout.old_and_ref_logprobs(batch, rollout_lp, self.ref_model, self.autocast,
-                                                           on_policy=on_policy)
+        old_lp, ref_lp = self.rollout.old_and_ref_logprobs(
+            batch, rollout_lp, self.ref_model, self.autocast, on_policy=on_policy,
+            max_tokens_per_micro_batch=c.max_tokens_per_micro_batch)
         loss_cfg = c
         if c.adv_estimator == "reinforce_plus_plus":  # the KL is in the reward: the loss only reports it
             behaviour = rollout_lp if old_lp is None else old_lp

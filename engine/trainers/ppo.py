@@ -176,7 +176,9 @@ class PPOTrainer(BaseTrainer):
         t1 = time.perf_counter()
         batch = self.rollout.batch(examples, completions, self.device)
         rollout_lp = self.rollout.rollout_logprobs(completions, batch)
-        old_lp, ref_lp = self.rollout.old_and_ref_logprobs(batch, rollout_lp, self.ref_model, self.autocast)
+        old_lp, ref_lp = self.rollout.old_and_ref_logprobs(
+            batch, rollout_lp, self.ref_model, self.autocast,
+            max_tokens_per_micro_batch=self.cfg.ppo.max_tokens_per_micro_batch)
         kl_coef = self.kl_ctl.value
         advantages, returns, values, token_rewards = self.advantages(batch, scores, old_lp, ref_lp, kl_coef)
         update = self.update(step, batch, old_lp, ref_lp, rollout_lp, advantages, returns, values, kl_coef)

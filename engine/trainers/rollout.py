@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.algorithms import make_batch, mixed_precision, response_logprobs
+from engine.algorithms.packing import micro_batch, plan_micro_batches
 from engine.algorithms.stats import nanmean
 from engine.distributed import gather_lists, is_sharded, unsharded
 from engine.generation import Generator, SamplingParams
@@ -86,24 +87,41 @@ class Rollout:
 
     @torch.no_grad()
     def old_and_ref_logprobs(self, batch, rollout_lp: torch.Tensor, ref_model, autocast_dtype, *,
-                             on_policy: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                             on_policy: bool = False, max_tokens_per_micro_batch: int | None = None
+                             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Old log-probs: the generator's (same weights, same math) unless truncated sampling (top-p/top-k) makes
         them those of another distribution, or a rollout correction compares them with the generator's: then the
         trainer's. With ``on_policy`` (one update pass, which runs the rollout's weights) those are None instead: the
         update takes each micro-batch's own detached log-probs, and no forward is spent here. Reference log-probs of
-        ``ref_model`` (None -> None). Both ``[B, T]`` float32, 0 on padding."""
+        ``ref_model`` (None -> None). Both ``[B, T]`` float32, 0 on padding. ``max_tokens_per_micro_batch``: the
+        forwards run packed, that many tokens at a time (``engine.algorithms.packing``), as the update does; None:
+        one padded forward over the batch."""
         g = self.generation
         mask = batch.response_mask
         with mixed_precision(batch.input_ids.device.type, autocast_dtype):
             recompute = g.top_p < 1.0 or g.top_k > 0 or self.rollout_is is not None
             if recompute and on_policy:
                 old = None
+            elif recompute:
+                old = _logprobs(self.model, batch, g.temperature, max_tokens_per_micro_batch)
             else:
-                old = response_logprobs(self.model, batch, temperature=g.temperature) if recompute else rollout_lp
+                old = rollout_lp
             ref = None
             if ref_model is not None:
-                ref = response_logprobs(ref_model, batch, temperature=g.temperature).float() * mask
+                ref = _logprobs(ref_model, batch, g.temperature, max_tokens_per_micro_batch).float() * mask
         return (None if old is None else old.float() * mask), ref
+
+
+def _logprobs(model, batch, temperature: float, max_tokens_per_micro_batch: int | None) -> torch.Tensor:
+    """``response_logprobs`` of the whole batch ``[B, T]``: one padded forward, or packed micro-batches of at most
+    ``max_tokens_per_micro_batch`` tokens whose rows are written back in place."""
+    if max_tokens_per_micro_batch is None:
+        return response_logprobs(model, batch, temperature=temperature)
+    out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
+    for rows in plan_micro_batches(batch, 1, max_tokens_per_micro_batch):
+        out[rows] = response_logprobs(model, micro_batch(batch, rows, max_tokens_per_micro_batch),
+                                      temperature=temperature).float()
+    return out
 
 
 @dataclass

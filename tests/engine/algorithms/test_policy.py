@@ -144,3 +144,22 @@ def test_the_policy_loss_and_the_correction_reach_the_gradient():
     for mode in ("gspo", "cispo", "mask"):
         assert not torch.allclose(steps[mode][1][name], steps["vanilla"][1][name], rtol=0, atol=1e-7), mode
     assert 0 < steps["mask"][0]["rollout_corr/masked_frac"] < 1
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
+@pytest.mark.parametrize("correction", [None, ("token", "truncate"), ("sequence", "mask")])
+def test_policy_losses_and_corrections_do_not_depend_on_the_micro_batch_split(policy_loss, correction):
+    policy, batch, old, ref, advantages = _rollout()
+    rollout = torch.where(batch.response_mask, old + torch.linspace(-0.5, 0.5, old.shape[1]), 0.0)
+    extra = {} if correction is None else dict(rollout_is=correction[0], rollout_is_mode=correction[1],
+                                               rollout_is_low=0.8, rollout_is_cap=1.3)
+    agg = "seq-mean-token-mean" if policy_loss == "gspo" else "token-mean"
+    steps = [_step(policy, batch, old, ref, advantages, rollout_logprobs=rollout, measure_rollout_corr=True,
+                   cfg=_cfg(policy_loss=policy_loss, loss_agg_mode=agg, micro_batch_size=mbs, **extra))
+             for mbs in (5, 2, 1)]
+    (full_metrics, full_params), rest = steps[0], steps[1:]
+    for metrics, params in rest:
+        for name, value in full_metrics.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        for name, p in full_params.items():
+            torch.testing.assert_close(params[name], p, rtol=1e-5, atol=1e-6, msg=name)

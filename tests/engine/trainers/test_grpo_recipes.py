@@ -30,6 +30,8 @@ RECIPES = {
                                  "grpo.rollout_is_low=0.5", "grpo.rollout_is_cap=2.0"],
     "rollout_is_token_truncate": ["grpo.rollout_is=token", "generation.top_k=20"],
     "overlong": ["grpo.overlong_buffer_len=4", "grpo.overlong_penalty_factor=0.1"],
+    # packed updates, and packed old/reference forwards (the KL needs the reference, top-k the old log-probs)
+    "packed": ["grpo.max_tokens_per_micro_batch=40", "grpo.kl_coef=0.01", "generation.top_k=20", "grpo.ppo_epochs=2"],
 }
 
 
@@ -149,3 +151,16 @@ def test_dynamic_sampling_with_no_informative_group_trains_on_the_last_rollout(t
     record, scores = run_one_step(tmp_path, every=0, max_batches=3)
     assert CALLS == [16, 16, 16] and record["dynamic_sampling/kept_ratio"] == 0.0
     assert scores.shape == (16,) and (scores == 0).all() and record["skipped_steps"] == 0
+
+
+def test_packed_old_and_reference_log_probs_equal_the_padded_ones(tmp_path):
+    tr = trainer(tmp_path, "trainer.max_steps=1", "grpo.kl_coef=0.01", "generation.top_k=20")
+    examples, completions = tr.rollout.sample(tr.next_examples(4), step=0)
+    batch = tr.rollout.batch(examples, completions, tr.device)
+    rollout_lp = tr.rollout.rollout_logprobs(completions, batch)
+    padded = tr.rollout.old_and_ref_logprobs(batch, rollout_lp, tr.ref_model, None)
+    for budget in (9, 25, 1000):  # 9: every row alone (each is longer); 1000: one packed forward
+        packed = tr.rollout.old_and_ref_logprobs(batch, rollout_lp, tr.ref_model, None,
+                                                 max_tokens_per_micro_batch=budget)
+        for a, b in zip(padded, packed):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Most owed first: the suite, then the generator's numbers; what does not fit BUDGET_S (seconds, the device tool's
 # 10-minute command limit less a margin) is skipped and named in the summary, never cut mid-step.
-STEPS=${STEPS:-"env compile ext pytest launches generate generate_b1 shared_prefix decode_host sampler e2e fsdp packing kernels rlhf"}
+STEPS=${STEPS:-"env compile ext pytest launches generate generate_b1 shared_prefix decode_host sampler e2e fsdp packing kernels rlhf peers"}
 BUDGET_S=${BUDGET_S:-500}
 # The HH data lives beside the checkout (../shared), which does not travel to the GPU box: copy it into an ignored
 # folder of the checkout and point HH_DATA at it there.
@@ -65,6 +65,8 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
         fsdp) step fsdp 60 python3 bench/fsdp_check.py --out "$OUT/fsdp.json" ;;  # FSDP2 + bf16 on one GPU (NCCL)
         packing) step packing 60 python3 bench/bench_packing.py --device cuda --repeats 5 --data "$GSM8K_DATA" \
                      --out "$OUT/packing.json" ;;  # issue 14: packed vs padded update time
+        peers) step peers 480 python3 bench/bench_peers.py --device cuda --data "$GSM8K_DATA" --repeats 3 \
+                   --gen-repeats 2 --loss-reps 3 --out "$OUT/peers_gpu.json" --png "$OUT/peers_gpu.png" ;;  # issue 15
         rlhf) step rlhf 300 python3 bench/bench_rlhf.py --data "$HH_DATA" --out "$OUT/rlhf.json" ;;
         *) echo "unknown step $s"; exit 2 ;;
     esac

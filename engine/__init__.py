@@ -43,6 +43,8 @@ if not logger.handlers:
     logger.addHandler(_handler)
     logger.setLevel(_logging.INFO)
 
+__all__ = ["CompletionOutput", "Generator", "RequestOutput", "SamplingParams", "__version__", "logger"]
+
 _LAZY = {
     "Generator": "engine.generation.generator",
     "SamplingParams": "engine.generation.sampling_params",
@@ -58,3 +60,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -21,13 +21,27 @@ def _env(_args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = {"peers": "bench_peers.py", "kernels": "bench_kernels.py", "generate": "bench_generate.py",
+           "e2e": "bench_e2e.py", "rlhf": "bench_rlhf.py", "packing": "bench_packing.py"}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
+    """``rlhf-engine bench [NAME] [ARGS...]``: runs ``bench/<BENCHES[NAME]>`` with ``ARGS``; no name (or arguments
+    only) is ``peers``: ours vs TRL / Liger-Kernel / HF generate, which prints the tables and writes the PNG.
+    ``rlhf-engine bench tables FILE.json ...`` prints the tables of earlier ``peers`` results without running."""
+    rest = list(args.rest)
+    name = rest.pop(0) if rest and (rest[0] in BENCHES or rest[0] == "tables") else "peers"
+    if name == "tables":
+        name, rest = "peers", ["--markdown", *rest]
+    script = Path(__file__).resolve().parent.parent / "bench" / BENCHES[name]
     if not script.exists():
         print(f"error: {script} not found (the benchmarks ship with the source checkout, not the wheel)")
         return 2
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    argv, sys.argv = sys.argv, [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
     return 0
 
 
@@ -157,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None)
     plot.set_defaults(fn=_plot)
     sub.add_parser("env", help="print the active kernel backends (building the compiled extension if needed), versions and device").set_defaults(fn=_env)
-    bench = sub.add_parser("bench", help="run bench/bench_kernels.py (arguments are passed through)")
+    bench = sub.add_parser("bench", help="ours vs the peers: tables + PNG (bench/bench_peers.py); 'bench NAME ARGS' runs "
+                           f"bench/bench_NAME.py, NAME one of {', '.join(BENCHES)}; 'bench tables FILE.json' prints "
+                           "the tables of earlier results")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
     return parser

@@ -131,10 +131,10 @@ class RunDirectory:
         if not self.locked:
             self._lock_fd = _lock(self.path)
 
-    def close(self) -> None:
+    def close(self, _close_fd=os.close) -> None:  # bound now: __del__ may run after interpreter teardown cleared os
         """Release the lock (idempotent). The lock file stays: only a held flock means a live writer."""
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            _close_fd(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 
     def __del__(self):  # pragma: no cover - a safety net; trainers close explicitly

@@ -64,6 +64,21 @@ def test_env(capsys):
     assert isinstance(json.loads(capsys.readouterr().out), dict)
 
 
+def test_bench_tables_print_the_peers_tables_of_a_results_file(capsys):
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "bench" / "results" / "peers_cpu.json"
+    assert main(["bench", "tables", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "**GRPO step**" in out and "| trl_hf_generate |" in out and "**Skipped**" in out
+
+
+def test_bench_names_a_script_and_passes_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's --help exits 0
+        main(["bench", "kernels", "--help"])
+    assert exit_info.value.code == 0 and "bench_kernels.py" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["rm", "dpo"])
 def test_pair_trainers(kind, tmp_path):
     data = tmp_path / "pairs.jsonl"

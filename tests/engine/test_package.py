@@ -32,3 +32,14 @@ def test_cli_env_prints_the_backend_report(capsys):
     assert main(["env"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["torch"] and "compiled_extension" in report
+
+
+@pytest.mark.parametrize("module", ["kernels", "engine", "engine.config", "engine.algorithms", "engine.models",
+                                    "engine.rewards"])
+def test_every_public_name_resolves(module):
+    """The README's stable public API is each package's ``__all__``: every name in it imports, and ``dir`` lists it."""
+    mod = importlib.import_module(module)
+    assert mod.__all__ and len(set(mod.__all__)) == len(mod.__all__)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, f"{module}.{name}"
+        assert name in dir(mod), f"{module}.{name}"

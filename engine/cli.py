@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     an error (one line on stderr: the message; ``--debug`` anywhere on the line, or ``RLHF_ENGINE_DEBUG=1``, re-raises
     it with its traceback instead), 130 on Ctrl-C, 2 for a command line argparse rejects."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "bench":  # everything after it is the bench script's, options too
+        args = parser.parse_args(argv[:command + 1])
+        args.rest = argv[command + 1:]
+    else:
+        args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("RLHF_ENGINE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)

@@ -7,9 +7,14 @@
 
 Forward, per chunk: one GEMM into a float32 tile, then ``logprobs_from_logits``'s fused kernel (one read of the tile).
 Backward, per chunk: recompute the tile (the 2NHV recompute of TRL/Liger/veRL: cheaper in memory than saving the
-logits), run the same kernel's backward to get ``dz`` (float32), then ``dh = dz @ W`` and ``dW += dz.T @ h``,
-``db += sum(dz)``, all accumulated in float32 ("rounding every vocabulary chunk's product to bf16 before summing
-biases training", TRL ``chunked_logprob``). One copy of the softmax math: ``kernels.logprobs``.
+logits), run the same kernel's backward to get ``dz`` (float32), then ``dh = dz @ W`` and ``dW += dz.T @ h``
+(accumulated in place: no ``[V, H]`` temporary per chunk), ``db += sum(dz)``, all in float32 ("rounding every
+vocabulary chunk's product to bf16 before summing biases training", TRL ``chunked_logprob``). One copy of the softmax
+math: ``kernels.logprobs``.
+
+A call whose ``N`` tokens fit in one chunk keeps its tile from the forward for the backward instead of recomputing it
+(one GEMM of four saved; the tile, at most the chunk budget, lives from the forward to the backward): the small
+micro-batches of a CPU run, where the recompute made the fused path slower than eager PyTorch.
 
 Dims: ``N`` tokens, ``H`` hidden, ``V`` vocabulary, ``C`` tokens per chunk.
 """
@@ -56,6 +61,21 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(low).float() @ b.to(low).float()
 
 
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place, ``acc`` float32, with ``_matmul_fp32``'s rounding of the operands."""
+    if a.dtype == b.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    low = a.dtype if a.dtype != torch.float32 else b.dtype
+    if a.is_cuda:
+        try:  # cuBLAS: bf16/fp16 operands, float32 C accumulated in place (beta = 1)
+            torch.addmm(acc, a.to(low), b.to(low), out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):  # older torch: no out_dtype
+            pass
+    acc.addmm_(a.to(low).float(), b.to(low).float())
+
+
 def _chunk_logits(h, weight, bias):
     z = _matmul_fp32(h, weight.t())
     return z if bias is None else z + bias.float()
@@ -77,6 +97,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                     lp[s:s + chunk], ent[s:s + chunk] = out
                 else:
                     lp[s:s + chunk] = out
+        # one chunk: its tile is the backward's, kept instead of recomputed (an intermediate, so on ctx)
+        ctx.tile = z if N <= chunk and N > 0 and any(ctx.needs_input_grad[:3]) else None
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.args = (temperature, ignore_index, return_entropy, chunk)
         return (lp, ent) if return_entropy else lp
@@ -91,8 +113,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            with torch.no_grad():  # recompute the tile; only the softmax part needs a graph
-                z = _chunk_logits(h, weight, bias)
+            z = ctx.tile
+            if z is None:
+                with torch.no_grad():  # recompute the tile; only the softmax part needs a graph
+                    z = _chunk_logits(h, weight, bias)
             with torch.enable_grad():
                 z.requires_grad_(True)
                 lp, ent = _logprobs_from_logits(z, labels[s:s + chunk], temperature, ignore_index, True)
@@ -106,7 +130,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 dh[s:s + chunk] = _matmul_fp32(dz, weight)
             if need_w:  # ignored rows have dz = 0, but 0 * nan is NaN: drop their hidden states from dW
                 keep = (labels[s:s + chunk] != ignore_index).unsqueeze(-1)
-                dw += _matmul_fp32(dz.t(), torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)))
+                _addmm_fp32_(dw, dz.t(), torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)))
             if need_b:
                 db += dz.sum(0)
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),

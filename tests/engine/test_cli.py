@@ -73,10 +73,13 @@ def test_bench_tables_print_the_peers_tables_of_a_results_file(capsys):
     assert "**GRPO step**" in out and "| trl_hf_generate |" in out and "**Skipped**" in out
 
 
-def test_bench_names_a_script_and_passes_its_arguments(capsys):
-    with pytest.raises(SystemExit) as exit_info:  # argparse's --help exits 0
-        main(["bench", "kernels", "--help"])
-    assert exit_info.value.code == 0 and "bench_kernels.py" in capsys.readouterr().out
+@pytest.mark.parametrize("argv, script", [(["bench", "kernels", "--help"], "bench_kernels.py"),
+                                          (["bench", "--help"], "bench_peers.py"),
+                                          (["bench", "--sections", "grpo", "--help"], "bench_peers.py")])
+def test_bench_names_a_script_and_passes_its_arguments(argv, script, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the script's argparse --help exits 0
+        main(argv)
+    assert exit_info.value.code == 0 and script in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["rm", "dpo"])

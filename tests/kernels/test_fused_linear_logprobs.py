@@ -7,8 +7,9 @@ import torch
 from kernels.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
 from tests._numerics import INPUT_DTYPES, assert_close, randn
 
-# (N, H, V, chunk_size): aligned, odd/prime with a ragged last chunk, 1-sized.
-SHAPES = [(16, 32, 64, 8), (13, 33, 37, 5), (1, 8, 1, None), (7, 5, 300, 3)]
+# (N, H, V, chunk_size): aligned, odd/prime with a ragged last chunk, 1-sized; None: one chunk (the forward's tile
+# is kept for the backward).
+SHAPES = [(16, 32, 64, 8), (13, 33, 37, 5), (1, 8, 1, None), (7, 5, 300, 3), (11, 24, 53, None)]
 
 
 def make_inputs(N, H, V, dtype, device, seed=0):
@@ -116,3 +117,27 @@ def test_fused_linear_logprobs_bad_input():
         fused_linear_logprobs(h, w, labels, temperature=float("inf"))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         fused_linear_logprobs(h, w, labels, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk, tiles", [(None, 1), (4, 2 * 3)])  # N = 10: one chunk, or three chunks of <= 4
+def test_fused_linear_logprobs_recomputes_tiles_only_across_chunks(monkeypatch, chunk, tiles):
+    """One chunk: the forward's logit tile serves the backward (one GEMM); several: each tile is recomputed. A second
+    backward through a retained graph gives the same gradients either way."""
+    import sys
+
+    mod = sys.modules["kernels.fused_linear_logprobs"]  # the package's attribute of that name is the function
+    calls = []
+    real = mod._chunk_logits
+    monkeypatch.setattr(mod, "_chunk_logits", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, _, labels = make_inputs(10, 16, 30, torch.float32, "cpu", seed=5)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    lp = fused_linear_logprobs(h, w, labels, chunk_size=chunk)
+    g = randn(10, dtype=torch.float32, device="cpu", seed=6)
+    first = torch.autograd.grad(lp, (h, w), g, retain_graph=True)
+    assert len(calls) == tiles
+    second = torch.autograd.grad(lp, (h, w), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref = fused_linear_logprobs_ref(h, w, labels)
+    for ours, gold in zip(first, torch.autograd.grad(ref, (h, w), g)):
+        assert_close(ours, gold, torch.float32, "grad", scale=5)

@@ -81,7 +81,11 @@ def plot(data: dict, path: Path) -> str | None:
             labels = [r["impl"] for r in rows]
             ax.bar(labels, [r["generate_s"] for r in rows], label="generate")
             ax.bar(labels, [r["update_s"] for r in rows], bottom=[r["generate_s"] for r in rows], label="update")
-            ax.set_ylabel("seconds per GRPO step (median)")
+            for i, r in enumerate(rows):  # the step time and our speedup over it, above each bar
+                ax.annotate(f"{r['step_s']:.2f} s\n{r['ours_speedup']:.2f}x", (i, r["generate_s"] + r["update_s"]), ha="center",
+                            va="bottom", fontsize=7)
+            ax.set_ylabel("seconds per GRPO step (median); label: peer / ours")
+            ax.margins(y=0.15)
             ax.legend()
         elif name == "losses":
             groups = sorted({(r["loss"], r["shape"]) for r in rows})
@@ -98,7 +102,11 @@ def plot(data: dict, path: Path) -> str | None:
             ax.legend(fontsize=7)
         else:
             ax.bar([r["impl"] for r in rows], [r["tokens_per_s"] for r in rows])
-            ax.set_ylabel("output tokens/s")
+            for i, r in enumerate(rows):
+                ax.annotate(f"{r['tokens_per_s']:.0f}\n{r['ours_speedup']:.2f}x", (i, r["tokens_per_s"]),
+                            ha="center", va="bottom", fontsize=7)
+            ax.set_ylabel("output tokens/s; label: ours / peer")
+            ax.margins(y=0.15)
         ax.set_title(name)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"ours vs peers, {data['device']} ({data['dtype']}), torch {data['torch']}", fontsize=10)

@@ -9,12 +9,13 @@ Sections (``--sections grpo,losses,generate``):
 
 - ``grpo``: one optimizer step of our ``GRPOTrainer`` (built from config overrides) against TRL's ``GRPOTrainer`` with
   Hugging Face ``generate``, and TRL's ``GRPOTrainer`` with our ``Generator`` as its ``rollout_func``
-  (``engine.integrations.trl``), on the same saved checkpoint (a random Qwen2 and a byte-level BPE trained on the
-  prompts), the same GSM8K prompts in the same order, the same rewards (``accuracy`` + ``format``), ``G`` samples per
-  prompt, ``max_tokens`` new tokens, temperature 1, no KL, one update per rollout, the same micro-batch; and ours
-  again with packed, padding-free micro-batches (``ours_packed``: ``grpo.max_tokens_per_micro_batch`` = micro-batch x
-  (median prompt + ``max_tokens``); TRL's GRPO has no padding-free mode). Each step is
-  split into generate and update (= step - generate). Each peer runs in a process of its own, stepped in turn over a
+  (``engine.integrations.trl``), and that plus our fused log-prob kernel as TRL's LM head (``use_fused_logprobs``),
+  on the same saved checkpoint (a random Qwen2 and a byte-level BPE trained on the prompts), the same GSM8K prompts
+  in the same order, the same rewards (``accuracy`` + ``format``), ``G`` samples per prompt, ``max_tokens`` new
+  tokens, temperature 1, no KL, one update per rollout, the same micro-batch; and ours again with packed,
+  padding-free micro-batches (``ours_packed``: ``grpo.max_tokens_per_micro_batch`` = micro-batch x (median prompt +
+  ``max_tokens``); TRL's GRPO has no padding-free mode). Each step is split into generate and update (= step -
+  generate). Each peer runs in a process of its own, stepped in turn over a
   pipe, so only one computes at a time and none is slowed by another's idle thread pool (``peers/grpo_step.py``).
   TRL runs its own ``train()`` loop, parked between steps by a callback at ``on_step_end``; its step is timed from
   ``on_step_begin`` to ``on_step_end`` and its generation by wrapping the instance's bound ``_generate`` (tokenize,
@@ -86,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (and Liger uncompiled)")
     p.add_argument("--no-ours-packed", dest="ours_packed", action="store_false",
                    help="skip ours with packed micro-batches (grpo.max_tokens_per_micro_batch)")
-    p.add_argument("--no-trl-generator", action="store_true", help="skip TRL + our Generator (rollout_func)")
+    p.add_argument("--no-trl-generator", action="store_true",
+                   help="skip TRL + our Generator (rollout_func) and TRL + our Generator + our LM head")
     p.add_argument("--without", default="", help=f"peers to treat as missing, of {','.join(PEERS)}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/peers_<device>_<stamp>.json)")

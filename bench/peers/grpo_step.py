@@ -216,8 +216,9 @@ def serve_ours(conn, args, ckpt: Path, work: Path, device: str, steps: int, extr
 
 
 def serve_trl(conn, args, ckpt: Path, rows: list[dict], work: Path, device: str, steps: int,
-              our_rollout: bool) -> None:
-    """Process target: TRL's ``GRPOTrainer`` (with our ``Generator`` as ``rollout_func`` when ``our_rollout``), its
+              our_rollout: bool, our_head: bool = False) -> None:
+    """Process target: TRL's ``GRPOTrainer`` (with our ``Generator`` as ``rollout_func`` when ``our_rollout``, and
+    our ``fused_linear_logprobs`` as its LM head when ``our_head``: ``engine.integrations.trl``), its
     ``train()`` in this process's main thread, parked at ``on_step_end`` until the next ``"step"``. The step is timed
     from ``on_step_begin`` to ``on_step_end``, generation by wrapping the instance's bound ``_generate`` (tokenize,
     generate, decode; TRL's source is not patched). Ready info: whether TRL tokenizes the first prompts as ours."""
@@ -231,6 +232,10 @@ def serve_trl(conn, args, ckpt: Path, rows: list[dict], work: Path, device: str,
 
             rollout_func = make_rollout_func()
         trainer = trl_trainer(args, ckpt, rows, work, device, steps, rollout_func=rollout_func)
+        if our_head:
+            from engine.integrations.trl import use_fused_logprobs
+
+            use_fused_logprobs(trainer)
         same_tokens = trainer._tokenize_prompts([r["prompt"] for r in rows[:4]])[0] == [r["prompt_ids"]
                                                                                         for r in rows[:4]]
         rec = {"generate_s": 0.0, "output_tokens": 0}
@@ -293,16 +298,19 @@ def grpo_section(args, report: Report, device: str, without: set[str]) -> None:
         else:
             report.skip("grpo", "ours_packed", "disabled (--no-ours-packed)")
         trl = peer("trl", without)
-        variants = {"trl_hf_generate": False, "trl_our_generator": True}
+        # TRL as it comes; with our Generator as its rollout_func; with that and our fused log-prob head too
+        variants = {"trl_hf_generate": (False, False), "trl_our_generator": (True, False),
+                    "trl_our_generator_and_head": (True, True)}
         if args.no_trl_generator:
-            del variants["trl_our_generator"]
-            report.skip("grpo", "trl_our_generator", "disabled (--no-trl-generator)")
-        for name, our_rollout in variants.items():
+            for name in ("trl_our_generator", "trl_our_generator_and_head"):
+                del variants[name]
+                report.skip("grpo", name, "disabled (--no-trl-generator)")
+        for name, (our_rollout, our_head) in variants.items():
             if isinstance(trl, str):
                 report.skip("grpo", name, trl)
                 continue
             try:
-                proc = PeerProcess(name, serve_trl, args, ckpt, rows, work, device, steps, our_rollout)
+                proc = PeerProcess(name, serve_trl, args, ckpt, rows, work, device, steps, our_rollout, our_head)
             except RuntimeError as err:  # a peer that cannot be built is a reason, not a crash
                 report.skip("grpo", name, f"GRPOTrainer could not be built: {err}"[:300])
                 continue

@@ -1,11 +1,13 @@
-"""Our ``Generator`` as the rollout engine of TRL's ``GRPOTrainer``, through its ``rollout_func`` argument.
+"""Our ``Generator`` as the rollout engine of TRL's ``GRPOTrainer``, through its ``rollout_func`` argument; and
+(``use_fused_logprobs``, ``trl_lm_head.py``) our fused log-prob kernel as its LM head.
 
     from trl import GRPOConfig, GRPOTrainer
-    from engine.integrations.trl import make_rollout_func
+    from engine.integrations.trl import make_rollout_func, use_fused_logprobs
 
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward, train_dataset=dataset,
                           args=GRPOConfig(..., num_generations=8, max_completion_length=256, temperature=1.0),
                           rollout_func=make_rollout_func())
+    use_fused_logprobs(trainer)   # optional: kernels.fused_linear_logprobs for every log-prob of TRL's loss
     trainer.train()
 
 Tested with TRL 1.16.0 (transformers 5.24, torch 2.13, CPU). ``rollout_func`` is experimental in TRL: it warns once
@@ -48,19 +50,18 @@ TRL keeps them in its batch (and reads them for ``off_policy_mask_threshold``); 
 recomputation (``old_per_token_logps``, which TRL computes when ``gradient_accumulation_steps`` is not a multiple of
 ``steps_per_generation * num_iterations``) with TRL's formula for those metrics.
 
-**TRL's loss path: what is and is not replaced.** Nothing in TRL's loss path is replaced; only generation is.
-TRL 1.16 offers no hook to inject a loss: ``GRPOTrainer.compute_loss`` calls its own ``_compute_loss``, which does
-the policy loss inline in PyTorch for every ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``,
-``sapo``, ``vespo``, ``luspo``) together with the entropy mask, the off-policy mask, the IS correction, the entropy
-bonus, the MoE auxiliary loss and its metrics; ``transformers.Trainer``'s ``compute_loss_func`` is not consulted; the
-per-token log-probs and entropies come from TRL's own chunked fused LM head (``trl.trainer.utils.add_fused_lm_head``,
-Triton on CUDA/XPU, PyTorch tiles elsewhere), which ``GRPOTrainer.__init__`` installs on ``model.forward`` with no
-way to substitute another; and ``use_liger_kernel`` is deprecated there and applies only Liger's layer kernels, not a
-loss. Replacing the loss would mean subclassing ``GRPOTrainer`` and re-implementing ``_compute_loss`` with all those
-options, a copy that drifts with every TRL release, or patching TRL internals; we do neither. Our fused kernels run
-in the rollouts: the Generator's layer (``fused_add_rms_norm``, ``silu_and_mul``, ``rope_and_cache``), paged
-attention and the sampler. For our fused log-prob and GRPO loss kernels in training, use ``engine``'s own GRPO
-trainer.
+**TRL's loss path: what is and is not replaced.** TRL 1.16 offers no hook for the loss itself: ``GRPOTrainer.
+compute_loss`` calls its own ``_compute_loss``, which does the policy loss inline in PyTorch for every ``loss_type``
+(``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``vespo``, ``luspo``) together with the entropy
+mask, the off-policy mask, the IS correction, the entropy bonus, the MoE auxiliary loss and its metrics;
+``transformers.Trainer``'s ``compute_loss_func`` is not consulted; and ``use_liger_kernel`` is deprecated there and
+applies only Liger's layer kernels, not a loss. Replacing ``_compute_loss`` would mean a copy of it that drifts with
+every TRL release; we do not. What TRL does allow is the log-prob path under that loss: every per-token log-prob and
+entropy comes from the model's ``forward(..., fused_lm_head=True)``, a documented contract that TRL installs on the
+model (``trl.trainer.utils.add_fused_lm_head``). ``use_fused_logprobs(trainer)`` (``engine/integrations/
+trl_lm_head.py``) puts our ``kernels.fused_linear_logprobs`` behind that contract. So with both, TRL's rollouts are
+our Generator's (its fused layer ops, paged attention and sampler) and its log-probs our fused kernel's; the loss
+arithmetic on top of them stays TRL's.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ if Version(trl.__version__) < Version("1.16"):  # pragma: no cover - depends on 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
 
-__all__ = ["GeneratorRollout", "check_trainer", "make_rollout_func", "sampling_params", "tokenize_prompts"]
+from engine.integrations.trl_lm_head import use_fused_logprobs  # noqa: E402 - needs the version check above
+
+__all__ = ["GeneratorRollout", "check_trainer", "make_rollout_func", "sampling_params", "tokenize_prompts",
+           "use_fused_logprobs"]
 
 _M63 = (1 << 63) - 1
 

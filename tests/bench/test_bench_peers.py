@@ -74,7 +74,8 @@ def test_every_section_runs_and_writes_its_keys(run):
         assert key in data, key
     assert Path(data["png"]).stat().st_size > 0
     grpo = data["sections"]["grpo"]
-    assert [r["impl"] for r in grpo["rows"]] == ["ours", "ours_packed", "trl_hf_generate", "trl_our_generator"]
+    assert [r["impl"] for r in grpo["rows"]] == ["ours", "ours_packed", "trl_hf_generate", "trl_our_generator",
+                                                 "trl_our_generator_and_head"]
     for r in grpo["rows"]:
         assert r["output_tokens"] == 2 * 2 * 8 or r["output_tokens"] > 0  # EOS may stop a sample early
         assert 0 < r["generate_s"] < r["step_s"] and r["update_s"] > 0 and r["tokens_per_s"] > 0

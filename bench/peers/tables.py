@@ -84,6 +84,7 @@ def plot(data: dict, path: Path) -> str | None:
             for i, r in enumerate(rows):  # the step time and our speedup over it, above each bar
                 ax.annotate(f"{r['step_s']:.2f} s\n{r['ours_speedup']:.2f}x", (i, r["generate_s"] + r["update_s"]), ha="center",
                             va="bottom", fontsize=7)
+            ax.set_xticks(range(len(rows)), labels, rotation=12, ha="right")  # long names side by side
             ax.set_ylabel("seconds per GRPO step (median); label: peer / ours")
             ax.margins(y=0.15)
             ax.legend()

@@ -72,6 +72,14 @@ class Generator:
             again. Off by default: 1.01x on the CPU; the GPU decision waits for its measurement
             (``bench/bench_generate.py --compare-fused-projections``).
 
+    Attributes (public, read-only; every other attribute is private):
+        model: the ``LlamaFamilyModel`` view of the weights; ``model.hf_model`` is the model passed in.
+        tokenizer, max_num_seqs, max_model_len, block_size, max_num_batched_tokens: as resolved from the arguments.
+        kv_cache_memory: as passed (None: the default budget, taken when the cache is first allocated).
+        eos_token_ids: ``set[int]``, the ids that end a sample (besides ``SamplingParams.stop_token_ids``).
+        backend: the attention backend chosen (``backend.name``).
+        use_cuda_graphs: whether decode steps replay CUDA graphs.
+
     Raises:
         ValueError: an unsupported architecture, invalid sizes, or a backend that cannot run this configuration.
     """

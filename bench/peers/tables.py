@@ -7,10 +7,6 @@ from pathlib import Path
 from peers.common import SECTIONS
 
 
-def _fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -44,7 +40,7 @@ def render_markdown(data: dict) -> str:
                 "peer/ours memory |", "|---|---|---|---:|---:|---:|---:|"]
         for r in s["losses"]["rows"]:
             out.append(f"| {r['loss']} | {r['shape']} | {r['impl']} | {r['median_ms']:.1f} | {r['peak_mib']:.1f} | "
-                       f"{_fmt(r['ours_speedup'])}x | {_fmt(r['ours_memory_ratio'])}x |")
+                       f"{_ratio(r['ours_speedup'])} | {_ratio(r['ours_memory_ratio'])} |")
         out.append("")
     if "generate" in s:
         sh = s["generate"]["shape"]
@@ -82,8 +78,8 @@ def plot(data: dict, path: Path) -> str | None:
             ax.bar(labels, [r["generate_s"] for r in rows], label="generate")
             ax.bar(labels, [r["update_s"] for r in rows], bottom=[r["generate_s"] for r in rows], label="update")
             for i, r in enumerate(rows):  # the step time and our speedup over it, above each bar
-                ax.annotate(f"{r['step_s']:.2f} s\n{r['ours_speedup']:.2f}x", (i, r["generate_s"] + r["update_s"]), ha="center",
-                            va="bottom", fontsize=7)
+                ax.annotate(f"{r['step_s']:.2f} s\n{r['ours_speedup']:.2f}x", (i, r["generate_s"] + r["update_s"]),
+                            ha="center", va="bottom", fontsize=7)
             ax.set_xticks(range(len(rows)), labels, rotation=12, ha="right")  # long names side by side
             ax.set_ylabel("seconds per GRPO step (median); label: peer / ours")
             ax.margins(y=0.15)

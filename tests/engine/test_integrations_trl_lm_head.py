@@ -59,8 +59,9 @@ def _fused_call(model, ids, mask, labels, **kwargs):
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **kwargs)
     g = torch.Generator().manual_seed(1)
     weights = torch.randn(out.log_probs.shape, generator=g)
-    loss = (out.log_probs * weights).sum() + (out.entropy * weights.flip(0)).sum() if out.entropy is not None \
-        else (out.log_probs * weights).sum()
+    loss = (out.log_probs * weights).sum()
+    if out.entropy is not None:
+        loss = loss + (out.entropy * weights.flip(0)).sum()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
